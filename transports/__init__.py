@@ -1,0 +1,1 @@
+"""rawcast.transports: CLI, HTTP/WebSocket/WebRTC adapters around the pipeline."""

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint typecheck pytest clean
+.PHONY: serve test lint typecheck pytest clean relink
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(VENV)/.installed-dev
+# The strict editable install links each file: relink so that new modules are seen.
+relink: $(VENV)/.installed-dev
+	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
+
+typecheck: relink
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed-dev
+pytest: relink
 	PYTHONASYNCIODEBUG=1 PYTHONSAFEPATH=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

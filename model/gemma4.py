@@ -1,0 +1,474 @@
+"""The Gemma 4 Unified backbone: decoder, audio and vision embedders, one ragged step.
+
+One file for the architecture (see ../shared/docs/gemma4-unified.md):
+
+- RMSNorm in fp32 with the weight used as is (no ``1 + w``); values normed
+  without weight; K = V before k_norm/RoPE on full layers (``attention_k_eq_v``).
+- RoPE per layer kind: default over ``head_dim`` on sliding layers,
+  "proportional" on full layers (only the first ``fraction * D / 2`` frequency
+  pairs rotate, the rest have inv_freq 0).
+- Reference mask semantics: full layers causal; sliding layers
+  ``(kv <= q OR same image block) AND kv > q - window``.
+
+``forward_packed`` runs ONE ragged batch: each row is one cache slot appending
+its own tokens (text, audio frames, a whole patch grid, or one decode token) at
+its own positions. Attention for a row covers the slot's cached K/V (gathered,
+fixed capacity) plus the row's new K/V, with a boolean mask computed from the
+cache's position tables, so shapes depend only on (batch, bucketed length).
+Nothing here syncs with the device; compile and CUDA graphs are applied from
+outside. ``logits()`` is the one-pass reference entry point used by parity tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rawcast.model.cache import KVCache
+from rawcast.model.config import ModelConfig, RopeConfig, TextConfig
+from rawcast.model.tokenizer import Tokenizer
+
+# --- pure functions -----------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """inv_freq of length head_dim / 2; proportional RoPE zeroes the non-rotating pairs."""
+    rotating = int(rope.rotary_fraction * head_dim // 2)
+    exps = torch.arange(0, 2 * rotating, 2, dtype=torch.int64).float() / head_dim
+    inv = 1.0 / (rope.theta**exps)
+    if rotating < head_dim // 2:
+        inv = torch.cat([inv, torch.zeros(head_dim // 2 - rotating)])
+    return inv / rope.factor
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); cos/sin: (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def block_ids(input_ids: torch.Tensor, image_id: int, video_id: int) -> torch.Tensor:
+    """Runs of image/video placeholders -> block index per row (-1 elsewhere)."""
+    is_vis = (input_ids == image_id) | (input_ids == video_id)
+    prev = torch.zeros_like(is_vis)
+    prev[:, 1:] = is_vis[:, :-1]
+    starts = is_vis & ~prev
+    ids = torch.cumsum(starts.long(), dim=1) - 1
+    return torch.where(is_vis, ids, torch.full_like(ids, -1))
+
+
+# --- modules ------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int) -> None:
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.layer_kv_heads(layer)
+        self.head_dim = cfg.layer_head_dim(layer)
+        self.eps = cfg.rms_norm_eps
+        hid = cfg.hidden_size
+        self.q_proj = nn.Linear(hid, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hid, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = (
+            nn.Linear(hid, self.kv_heads * self.head_dim, bias=False)
+            if cfg.layer_has_v_proj(layer)
+            else None
+        )
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hid, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of the new tokens."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k_raw = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(b, t, self.kv_heads, -1)
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+        v = rms_norm(v_raw, None, self.eps).transpose(1, 2)
+        return q, k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int) -> None:
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.sliding = cfg.is_sliding(layer)
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+
+
+class VisionEmbedder(nn.Module):
+    """6912 raw values -> LN -> Dense -> LN -> + 2-D positions -> LN -> RMSNorm -> Linear."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.vision is not None
+        v = cfg.vision
+        self.eps = v.rms_norm_eps
+        self.patch_ln1 = nn.LayerNorm(v.cell_values)
+        self.patch_dense = nn.Linear(v.cell_values, v.mm_embed_dim)
+        self.patch_ln2 = nn.LayerNorm(v.mm_embed_dim)
+        self.pos_embedding = nn.Parameter(torch.zeros(v.mm_posemb_size, 2, v.mm_embed_dim))
+        self.pos_norm = nn.LayerNorm(v.mm_embed_dim)
+        self.embedding_projection = nn.Linear(v.output_proj_dims, cfg.text.hidden_size, bias=False)
+
+    def forward(self, cells: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.patch_ln2(self.patch_dense(self.patch_ln1(cells.to(self.patch_dense.weight.dtype))))
+        clamped = positions.clamp(min=0).long()
+        valid = (positions != -1).to(h.dtype).unsqueeze(-1)
+        axes = torch.arange(2, device=positions.device)
+        h = self.pos_norm(h + (self.pos_embedding[clamped, axes] * valid).sum(-2))
+        return self.embedding_projection(rms_norm(h, None, self.eps))
+
+
+class AudioEmbedder(nn.Module):
+    """640 raw samples -> RMSNorm (no weight) -> Linear."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.audio is not None
+        self.eps = cfg.audio.rms_norm_eps
+        self.embedding_projection = nn.Linear(
+            cfg.audio.audio_embed_dim, cfg.text.hidden_size, bias=False
+        )
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(rms_norm(x, None, self.eps))
+
+
+# --- the ragged batch ---------------------------------------------------------------------
+
+
+@dataclass
+class Append:
+    """One row of a step: ``tokens`` appended to ``slot``; placeholders filled in order.
+
+    ``audio`` (n, 640) fills the audio placeholders, ``images`` (cells (n, 6912),
+    positions (n, 2)) fill the image placeholders. A patch grid must be appended
+    whole in one row (its cells attend to each other both ways).
+    """
+
+    slot: int
+    tokens: Sequence[int] | torch.Tensor
+    audio: torch.Tensor | None = None
+    images: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Packed:
+    """Device tensors of one ragged step. Shapes depend on (B, T) only."""
+
+    slots: torch.Tensor  # (B,)
+    slot_list: list[int]  # host copy of ``slots``
+    input_ids: torch.Tensor  # (B, T), pad id where invalid
+    valid: torch.Tensor  # (B, T) bool
+    positions: torch.Tensor  # (B, T) absolute positions
+    last: torch.Tensor  # (B,) index of the last real token of each row
+    lengths: list[int]  # host: real tokens per row
+    audio: torch.Tensor | None  # (Na, 640) in row-major placeholder order
+    cells: torch.Tensor | None  # (Nc, 6912)
+    cell_positions: torch.Tensor | None  # (Nc, 2)
+
+
+def bucket(n: int) -> int:
+    """Round a row length up so that a few static shapes cover all steps."""
+    if n <= 8:
+        return 1 if n == 1 else 8
+    return 1 << math.ceil(math.log2(n))
+
+
+class Gemma4Unified(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer: Tokenizer | None = None
+        t = cfg.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(t, i) for i in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head: nn.Linear | None = (
+            None if t.tie_word_embeddings else nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        )
+        self.vision = VisionEmbedder(cfg) if cfg.vision is not None else None
+        self.audio = AudioEmbedder(cfg) if cfg.audio is not None else None
+        self.register_buffer(
+            "inv_freq_sliding", rope_inv_freq(t.rope_sliding, t.head_dim), persistent=False
+        )
+        self.register_buffer(
+            "inv_freq_full", rope_inv_freq(t.rope_full, t.global_head_dim), persistent=False
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # --- packing (host) ---
+
+    def pack(self, rows: Sequence[Append], cache: KVCache | None, pad_to: int | None = None) -> Packed:
+        if not rows:
+            raise ValueError("a step needs at least one row")
+        dev = self.device
+        toks = [torch.as_tensor(r.tokens, dtype=torch.long).reshape(-1) for r in rows]
+        lengths = [int(x.numel()) for x in toks]
+        if min(lengths) == 0:
+            raise ValueError("every row of a step must append at least one token")
+        slots = [r.slot for r in rows]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot may appear once per step, got {slots}")
+        t_max = max(lengths)
+        width = pad_to if pad_to is not None else bucket(t_max)
+        if width < t_max:
+            raise ValueError(f"pad_to={width} is shorter than the longest row ({t_max})")
+        ids = torch.full((len(rows), width), self.cfg.tokens.pad, dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        starts = []
+        for i, (x, r) in enumerate(zip(toks, rows, strict=True)):
+            ids[i, : x.numel()] = x
+            valid[i, : x.numel()] = True
+            start = 0
+            if cache is not None:
+                cache.check_room(r.slot, x.numel())
+                start = cache.length(r.slot)
+            starts.append(start)
+        positions = torch.tensor(starts).view(-1, 1) + torch.arange(width).view(1, -1)
+        audio, cells, cell_pos = self._gather_media(rows, toks)
+        return Packed(
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_list=slots,
+            input_ids=ids.to(dev),
+            valid=valid.to(dev),
+            positions=positions.to(dev),
+            last=torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev),
+            lengths=lengths,
+            audio=audio,
+            cells=cells,
+            cell_positions=cell_pos,
+        )
+
+    def _gather_media(
+        self, rows: Sequence[Append], toks: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        tk = self.cfg.tokens
+        audio_parts: list[torch.Tensor] = []
+        cell_parts: list[torch.Tensor] = []
+        pos_parts: list[torch.Tensor] = []
+        for r, x in zip(rows, toks, strict=True):
+            n_audio = int((x == tk.audio).sum())
+            got = 0 if r.audio is None else int(r.audio.shape[0])
+            if n_audio != got:
+                raise ValueError(f"slot {r.slot}: {n_audio} audio placeholders but {got} frames")
+            if r.audio is not None and got:
+                if r.audio.ndim != 2 or self.cfg.audio is None:
+                    raise ValueError("audio must be (n, 640) and the model must have audio")
+                if r.audio.shape[1] != self.cfg.audio.audio_embed_dim:
+                    raise ValueError(
+                        f"audio frames have {r.audio.shape[1]} samples, "
+                        f"expected {self.cfg.audio.audio_embed_dim}"
+                    )
+                audio_parts.append(r.audio)
+            n_img = int(((x == tk.image) | (x == tk.video)).sum())
+            n_cells = sum(int(c.shape[0]) for c, _ in r.images)
+            if n_img != n_cells:
+                raise ValueError(f"slot {r.slot}: {n_img} image placeholders but {n_cells} cells")
+            for c, p in r.images:
+                cell_parts.append(c)
+                pos_parts.append(p)
+        dev = self.device
+        audio = torch.cat(audio_parts).to(dev) if audio_parts else None
+        cells = torch.cat(cell_parts).to(dev) if cell_parts else None
+        cpos = torch.cat(pos_parts).to(dev).long() if pos_parts else None
+        if cells is not None and self.vision is None:
+            raise ValueError("this model has no vision embedder")
+        return audio, cells, cpos
+
+    # --- device forward ---
+
+    def embed(self, p: Packed) -> torch.Tensor:
+        tk = self.cfg.tokens
+        ids = p.input_ids
+        media = (ids == tk.audio) | (ids == tk.image) | (ids == tk.video)
+        w = self.embed_tokens.weight
+        scale = torch.tensor(self.cfg.text.hidden_size**0.5).to(w.dtype)
+        x = F.embedding(torch.where(media, torch.full_like(ids, tk.pad), ids), w) * scale
+        if p.cells is not None and p.cell_positions is not None and self.vision is not None:
+            m = (ids == tk.image) | (ids == tk.video)
+            x = x.masked_scatter(m.unsqueeze(-1), self.vision(p.cells, p.cell_positions).to(x.dtype))
+        if p.audio is not None and self.audio is not None:
+            m = ids == tk.audio
+            x = x.masked_scatter(m.unsqueeze(-1), self.audio(p.audio).to(x.dtype))
+        return x
+
+    def _masks(
+        self, p: Packed, cache: KVCache | None
+    ) -> tuple[dict[bool, torch.Tensor], dict[bool, torch.Tensor]]:
+        """Boolean masks (B, 1, T, K) per layer kind (key: sliding?) and cached positions."""
+        t = self.cfg.text
+        q_pos = p.positions
+        blocks = (
+            block_ids(p.input_ids, self.cfg.tokens.image, self.cfg.tokens.video)
+            if t.use_bidirectional_attention == "vision"
+            else torch.full_like(p.input_ids, -1)
+        )
+        blocks = torch.where(p.valid, blocks, torch.full_like(blocks, -1))
+        masks: dict[bool, torch.Tensor] = {}
+        past_pos: dict[bool, torch.Tensor] = {}
+        for sliding in (True, False):
+            new_pos = torch.where(p.valid, q_pos, torch.full_like(q_pos, -1))
+            if cache is not None:
+                past = (cache.pos_sliding if sliding else cache.pos_full).index_select(0, p.slots)
+                kv_pos = torch.cat([past, new_pos], dim=1)
+                kv_blocks = torch.cat([torch.full_like(past, -1), blocks], dim=1)
+                past_pos[sliding] = past
+            else:
+                kv_pos, kv_blocks = new_pos, blocks
+            qp = q_pos.unsqueeze(-1)
+            kp = kv_pos.unsqueeze(1)
+            m = (kp >= 0) & (kp <= qp)
+            if sliding:
+                same = (kv_blocks.unsqueeze(1) == blocks.unsqueeze(-1)) & (blocks.unsqueeze(-1) >= 0)
+                m = (m | same) & (kp >= 0) & (kp > qp - t.sliding_window)
+            masks[sliding] = m.unsqueeze(1)
+        return masks, past_pos
+
+    def forward_packed(
+        self, p: Packed, cache: KVCache | None = None, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run one ragged step; returns logits (B, V) at each row's last token, or (B, T, V)."""
+        t = self.cfg.text
+        x = self.embed(p)
+        masks, _ = self._masks(p, cache)
+        rope = {
+            True: rope_cos_sin(p.positions, self.inv_freq_sliding, x.dtype),
+            False: rope_cos_sin(p.positions, self.inv_freq_full, x.dtype),
+        }
+        write_idx: dict[bool, torch.Tensor] = {}
+        if cache is not None:
+            last_pos = p.positions.gather(1, p.last.view(-1, 1))
+            for sliding in (True, False):
+                layer = t.sliding_layers[0] if sliding and t.sliding_layers else t.full_layers[0]
+                keep = p.valid & (p.positions > last_pos - cache.capacity(layer))
+                write_idx[sliding] = cache.write_index(layer, p.positions, keep)
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
+            sliding = layer.sliding
+            h = layer.input_layernorm(x)
+            q, k, v = layer.self_attn.project(h, *rope[sliding])
+            if cache is not None:
+                kk = torch.cat([cache.k[i].index_select(0, p.slots), k.to(cache.dtype)], dim=2)
+                vv = torch.cat([cache.v[i].index_select(0, p.slots), v.to(cache.dtype)], dim=2)
+            else:
+                kk, vv = k, v
+            attn = F.scaled_dot_product_attention(
+                q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=masks[sliding], scale=1.0,
+                enable_gqa=q.shape[1] != kk.shape[1],
+            )
+            b, _, tt, _ = attn.shape
+            attn = layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, tt, -1))
+            if cache is not None:
+                cache.write(i, p.slots, write_idx[sliding], k, v)
+            x = x + layer.post_attention_layernorm(attn)
+            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            x = x * layer.layer_scalar
+        if cache is not None:
+            self._commit_positions(p, cache, write_idx)
+        x = self.norm(x)
+        if not all_logits:
+            x = x.gather(1, p.last.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return softcap(F.linear(x, w).float(), t.final_logit_softcapping)
+
+    def _commit_positions(
+        self, p: Packed, cache: KVCache, write_idx: dict[bool, torch.Tensor]
+    ) -> None:
+        b, tt = p.positions.shape
+        si = p.slots.view(b, 1).expand(b, tt)
+        for sliding, table in ((True, cache.pos_sliding), (False, cache.pos_full)):
+            table.index_put_((si, write_idx[sliding]), p.positions)
+            table[:, -1] = -1  # the trash column holds nothing
+        for slot, n in zip(p.slot_list, p.lengths, strict=True):
+            cache.advance(slot, n)
+
+    # --- public API ---
+
+    @torch.inference_mode()
+    def step(
+        self, rows: Sequence[Append], cache: KVCache, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Append each row to its slot's cache in ONE forward; logits at each row's last token."""
+        return self.forward_packed(self.pack(rows, cache), cache, all_logits=all_logits)
+
+    @torch.inference_mode()
+    def logits(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        audio: torch.Tensor | None = None,
+        images: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    ) -> torch.Tensor:
+        """One-pass reference: logits (T, V) for ONE prompt, placeholders filled in order."""
+        row = Append(slot=0, tokens=input_ids, audio=audio, images=list(images))
+        p = self.pack([row], cache=None, pad_to=len(torch.as_tensor(input_ids).reshape(-1)))
+        return self.forward_packed(p, None, all_logits=True)[0]

@@ -1,0 +1,152 @@
+"""Load a Gemma 4 Unified checkpoint directory into rawcast's backbone.
+
+Reads ``model.safetensors`` or a sharded ``model.safetensors.index.json``. The
+module is built on the meta device and each tensor is read from the
+memory-mapped file, converted to the target dtype/device and assigned, one at a
+time: peak memory is the model plus one tensor, never a second full copy.
+
+Both the on-disk key names and the names ``save_pretrained`` writes are
+accepted (vision keys under ``model.vision_embedder.*`` or ``model.embed_vision.*``);
+a tied ``lm_head`` may be absent. Missing, unexpected and mis-shaped tensors
+fail with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rawcast.model.config import ConfigError, ModelConfig
+from rawcast.model.gemma4 import Gemma4Unified, rope_inv_freq
+from rawcast.model.tokenizer import Tokenizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or key."""
+
+
+BUNDLED_DIR = Path(__file__).parent / "weights"
+BUNDLED = ("rawcast-tiny",)
+
+_IGNORED = (
+    re.compile(r"^model\.embed_(audio|vision)\.embedding\."),  # stray hard-token tables
+    re.compile(r".*rotary_emb\..*"),
+)
+
+
+def canonical_key(key: str) -> str | None:
+    """Map a checkpoint key to rawcast's parameter name (None: ignore it)."""
+    if any(p.match(key) for p in _IGNORED):
+        return None
+    for prefix in ("model.language_model.", "language_model.model.", "model.text_model."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    if key == "lm_head.weight":
+        return key
+    if key.startswith("model.embed_audio."):
+        return "audio." + key.removeprefix("model.embed_audio.")
+    for prefix in ("model.vision_embedder.", "model.embed_vision."):
+        if key.startswith(prefix):
+            rest = key[len(prefix) :].removeprefix("multimodal_embedder.")
+            return "vision." + rest
+    return "?" + key  # unexpected
+
+
+def resolve(path_or_name: str | Path) -> Path:
+    p = Path(path_or_name)
+    if str(path_or_name) in BUNDLED:
+        p = BUNDLED_DIR / str(path_or_name)
+        if not (p / "config.json").exists():
+            raise CheckpointError(
+                f"the bundled model {path_or_name!r} is not in this installation ({p}); "
+                "pass a checkpoint directory instead"
+            )
+        return p
+    if not p.is_dir():
+        raise CheckpointError(
+            f"{path_or_name!r} is neither a checkpoint directory nor a bundled model "
+            f"({', '.join(BUNDLED)})"
+        )
+    return p
+
+
+def load_config(path: Path) -> ModelConfig:
+    f = path / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f} is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from None
+    try:
+        return ModelConfig.from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: {e}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        return [path / name for name in sorted(set(wmap.values()))]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_weights(
+    model: Gemma4Unified, path: Path, device: torch.device, dtype: torch.dtype
+) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.lm_head is None
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    name = canonical_key(key)
+                    if name is None or (name == "lm_head.weight" and tied):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{f.name}: unexpected tensor {key!r}")
+                    shape = tuple(sf.get_slice(key).get_shape())
+                    if shape != tuple(expected[name]):
+                        raise CheckpointError(
+                            f"{f.name}: tensor {key!r} has shape {shape}, "
+                            f"expected {tuple(expected[name])} from config.json"
+                        )
+                    state[name] = sf.get_tensor(key).to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load(
+    path_or_name: str | Path = "rawcast-tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Gemma4Unified:
+    """Load a checkpoint directory (config.json, *.safetensors, tokenizer.json) or a bundled name."""
+    path = resolve(path_or_name)
+    cfg = load_config(path)
+    dev = torch.device(device)
+    with torch.device("meta"):
+        model = Gemma4Unified(cfg)
+    load_weights(model, path, dev, dtype)
+    t = cfg.text
+    model.inv_freq_sliding = rope_inv_freq(t.rope_sliding, t.head_dim).to(dev)
+    model.inv_freq_full = rope_inv_freq(t.rope_full, t.global_head_dim).to(dev)
+    tok = path / "tokenizer.json"
+    model.tokenizer = Tokenizer.from_file(tok, cfg.tokens) if tok.exists() else None
+    return model.eval()

@@ -61,7 +61,9 @@ class TextConfig:
         return self.head_dim if self.is_sliding(layer) else self.global_head_dim
 
     def layer_kv_heads(self, layer: int) -> int:
-        return self.num_key_value_heads if self.is_sliding(layer) else self.num_global_key_value_heads
+        return (
+            self.num_key_value_heads if self.is_sliding(layer) else self.num_global_key_value_heads
+        )
 
     def layer_has_v_proj(self, layer: int) -> bool:
         return self.is_sliding(layer) or not self.attention_k_eq_v
@@ -121,7 +123,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type != "gemma4_unified":
             raise ConfigError(
-                f"config.json has model_type {model_type!r}; rawcast runs 'gemma4_unified' checkpoints"
+                f"config.json has model_type {model_type!r}; "
+                "rawcast runs 'gemma4_unified' checkpoints"
             )
         text = _text_from_dict(d.get("text_config") or {})
         vd = d.get("vision_config")
@@ -179,7 +182,10 @@ class ModelConfig:
                 },
             },
             "per_layer_config": {
-                str(i): {"head_dim": t.global_head_dim, "num_key_value_heads": t.num_global_key_value_heads}
+                str(i): {
+                    "head_dim": t.global_head_dim,
+                    "num_key_value_heads": t.num_global_key_value_heads,
+                }
                 for i in t.full_layers
             },
         }
@@ -197,9 +203,15 @@ class ModelConfig:
             "audio_token_id": self.tokens.audio,
         }
         if self.vision is not None:
-            out["vision_config"] = {"model_type": "gemma4_unified_vision", **dataclasses.asdict(self.vision)}
+            out["vision_config"] = {
+                "model_type": "gemma4_unified_vision",
+                **dataclasses.asdict(self.vision),
+            }
         if self.audio is not None:
-            out["audio_config"] = {"model_type": "gemma4_unified_audio", **dataclasses.asdict(self.audio)}
+            out["audio_config"] = {
+                "model_type": "gemma4_unified_audio",
+                **dataclasses.asdict(self.audio),
+            }
         return out
 
 
@@ -262,11 +274,17 @@ def _text_from_dict(d: dict[str, Any]) -> TextConfig:
         for key, over in per_layer.items():
             idx = int(key)  # save_pretrained zero-pads ("05") once there are >= 10 layers
             if layer_types[idx] == FULL:
-                full_overrides.append((int(over.get("head_dim", head_dim)),
-                                       int(over.get("num_key_value_heads", kv_heads))))
+                full_overrides.append(
+                    (
+                        int(over.get("head_dim", head_dim)),
+                        int(over.get("num_key_value_heads", kv_heads)),
+                    )
+                )
         if full_overrides:
             if len(set(full_overrides)) != 1:
-                raise ConfigError("full-attention layers with differing head shapes are not supported")
+                raise ConfigError(
+                    "full-attention layers with differing head shapes are not supported"
+                )
             g_dim, g_heads = full_overrides[0]
         else:
             g_dim, g_heads = head_dim, kv_heads
@@ -313,10 +331,19 @@ def preset(name: str) -> ModelConfig:
     """Named configs: ``tiny`` (tests), ``gemma4-12b`` (the real shape), ``12b-shaped-L<n>``."""
     if name == "tiny":
         text = TextConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-            num_global_key_value_heads=1, layer_types=_pattern(6), sliding_window=16,
-            attention_k_eq_v=True, final_logit_softcapping=30.0,
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            layer_types=_pattern(6),
+            sliding_window=16,
+            attention_k_eq_v=True,
+            final_logit_softcapping=30.0,
         )
         toks = TokenIds(boi=500, eoi=501, image=502, video=503, boa=504, eoa=505, audio=506)
         return ModelConfig(
@@ -331,9 +358,18 @@ def preset(name: str) -> ModelConfig:
     elif name != "gemma4-12b":
         raise KeyError(f"unknown preset {name!r}: tiny, gemma4-12b, 12b-shaped-L<n>")
     text = TextConfig(
-        vocab_size=262_144, hidden_size=3840, intermediate_size=15360, num_hidden_layers=n_layers,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-        num_global_key_value_heads=1, layer_types=_pattern(n_layers), sliding_window=1024,
-        attention_k_eq_v=True, final_logit_softcapping=30.0,
+        vocab_size=262_144,
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=n_layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        global_head_dim=512,
+        num_global_key_value_heads=1,
+        layer_types=_pattern(n_layers),
+        sliding_window=1024,
+        attention_k_eq_v=True,
+        final_logit_softcapping=30.0,
     )
     return ModelConfig(text=text)

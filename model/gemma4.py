@@ -172,7 +172,9 @@ class VisionEmbedder(nn.Module):
         self.embedding_projection = nn.Linear(v.output_proj_dims, cfg.text.hidden_size, bias=False)
 
     def forward(self, cells: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(cells.to(self.patch_dense.weight.dtype))))
+        h = self.patch_ln2(
+            self.patch_dense(self.patch_ln1(cells.to(self.patch_dense.weight.dtype)))
+        )
         clamped = positions.clamp(min=0).long()
         valid = (positions != -1).to(h.dtype).unsqueeze(-1)
         axes = torch.arange(2, device=positions.device)
@@ -238,6 +240,9 @@ def bucket(n: int) -> int:
 
 
 class Gemma4Unified(nn.Module):
+    inv_freq_sliding: torch.Tensor
+    inv_freq_full: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -268,7 +273,9 @@ class Gemma4Unified(nn.Module):
 
     # --- packing (host) ---
 
-    def pack(self, rows: Sequence[Append], cache: KVCache | None, pad_to: int | None = None) -> Packed:
+    def pack(
+        self, rows: Sequence[Append], cache: KVCache | None, pad_to: int | None = None
+    ) -> Packed:
         if not rows:
             raise ValueError("a step needs at least one row")
         dev = self.device
@@ -356,7 +363,9 @@ class Gemma4Unified(nn.Module):
         x = F.embedding(torch.where(media, torch.full_like(ids, tk.pad), ids), w) * scale
         if p.cells is not None and p.cell_positions is not None and self.vision is not None:
             m = (ids == tk.image) | (ids == tk.video)
-            x = x.masked_scatter(m.unsqueeze(-1), self.vision(p.cells, p.cell_positions).to(x.dtype))
+            x = x.masked_scatter(
+                m.unsqueeze(-1), self.vision(p.cells, p.cell_positions).to(x.dtype)
+            )
         if p.audio is not None and self.audio is not None:
             m = ids == tk.audio
             x = x.masked_scatter(m.unsqueeze(-1), self.audio(p.audio).to(x.dtype))
@@ -389,7 +398,9 @@ class Gemma4Unified(nn.Module):
             kp = kv_pos.unsqueeze(1)
             m = (kp >= 0) & (kp <= qp)
             if sliding:
-                same = (kv_blocks.unsqueeze(1) == blocks.unsqueeze(-1)) & (blocks.unsqueeze(-1) >= 0)
+                same = (kv_blocks.unsqueeze(1) == blocks.unsqueeze(-1)) & (
+                    blocks.unsqueeze(-1) >= 0
+                )
                 m = (m | same) & (kp >= 0) & (kp > qp - t.sliding_window)
             masks[sliding] = m.unsqueeze(1)
         return masks, past_pos
@@ -409,9 +420,9 @@ class Gemma4Unified(nn.Module):
         if cache is not None:
             last_pos = p.positions.gather(1, p.last.view(-1, 1))
             for sliding in (True, False):
-                layer = t.sliding_layers[0] if sliding and t.sliding_layers else t.full_layers[0]
-                keep = p.valid & (p.positions > last_pos - cache.capacity(layer))
-                write_idx[sliding] = cache.write_index(layer, p.positions, keep)
+                ref = t.sliding_layers[0] if sliding and t.sliding_layers else t.full_layers[0]
+                keep = p.valid & (p.positions > last_pos - cache.capacity(ref))
+                write_idx[sliding] = cache.write_index(ref, p.positions, keep)
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             sliding = layer.sliding
@@ -423,7 +434,11 @@ class Gemma4Unified(nn.Module):
             else:
                 kk, vv = k, v
             attn = F.scaled_dot_product_attention(
-                q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=masks[sliding], scale=1.0,
+                q,
+                kk.to(q.dtype),
+                vv.to(q.dtype),
+                attn_mask=masks[sliding],
+                scale=1.0,
                 enable_gqa=q.shape[1] != kk.shape[1],
             )
             b, _, tt, _ = attn.shape

@@ -111,7 +111,7 @@ def load_weights(
     for f in _weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                for key in sf.keys():
                     name = canonical_key(key)
                     if name is None or (name == "lm_head.weight" and tied):
                         continue
@@ -137,7 +137,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Gemma4Unified:
-    """Load a checkpoint directory (config.json, *.safetensors, tokenizer.json) or a bundled name."""
+    """Load a checkpoint directory (config.json, *.safetensors, tokenizer.json) or bundled name."""
     path = resolve(path_or_name)
     cfg = load_config(path)
     dev = torch.device(device)

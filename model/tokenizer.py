@@ -54,9 +54,7 @@ class Tokenizer:
             found = tok.token_to_id(text)
             want = getattr(config_ids, field)
             if found is not None and found != want:
-                raise TokenizerError(
-                    f"{path}: {text} has id {found} but config.json says {want}"
-                )
+                raise TokenizerError(f"{path}: {text} has id {found} but config.json says {want}")
         return Tokenizer(tok, config_ids)
 
     def _require(self, text: str) -> int:

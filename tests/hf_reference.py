@@ -20,9 +20,17 @@ def tiny_config(**text_overrides: Any) -> Any:
     from transformers import Gemma4UnifiedConfig
 
     text = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-        num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=16,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        sliding_window=16,
         final_logit_softcapping=30.0,
     )
     text.update(text_overrides)
@@ -30,8 +38,13 @@ def tiny_config(**text_overrides: Any) -> Any:
         text_config=text,
         vision_config=dict(mm_embed_dim=48, output_proj_dims=48, mm_posemb_size=64),
         audio_config=dict(),
-        image_token_id=IMAGE, audio_token_id=AUDIO, boi_token_id=BOI, eoi_token_id=EOI,
-        boa_token_id=BOA, eoa_token_index=EOA, video_token_id=VIDEO,
+        image_token_id=IMAGE,
+        audio_token_id=AUDIO,
+        boi_token_id=BOI,
+        eoi_token_id=EOI,
+        boa_token_id=BOA,
+        eoa_token_index=EOA,
+        video_token_id=VIDEO,
     )
 
 

@@ -41,6 +41,16 @@ class CacheSpec:
     branch_room: int = 256  # longest decode branch that can be rolled back
 
 
+def slot_bytes(cfg: TextConfig, spec: CacheSpec, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one slot holds (without allocating anything)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for layer in range(cfg.num_hidden_layers):
+        cap = (cfg.sliding_window + spec.branch_room) if cfg.is_sliding(layer) else spec.full_capacity
+        total += 2 * cfg.layer_kv_heads(layer) * (cap + 1) * cfg.layer_head_dim(layer) * item
+    return total
+
+
 class KVCache:
     def __init__(
         self,
@@ -80,8 +90,7 @@ class KVCache:
         return self.pos_sliding if self.cfg.is_sliding(layer) else self.pos_full
 
     def nbytes_per_slot(self) -> int:
-        total = sum(t[0].numel() * t.element_size() for t in (*self.k, *self.v))
-        return total
+        return slot_bytes(self.cfg, self.spec, self.dtype)
 
     # --- slot bookkeeping (host side) -------------------------------------------------
 

@@ -232,6 +232,14 @@ class Packed:
     cell_positions: torch.Tensor | None  # (Nc, 2)
 
 
+def _rows(buf: torch.Tensor, p: Packed) -> torch.Tensor:
+    """The cache rows of the step's slots: a view when they are contiguous, else a gather."""
+    first = p.slot_list[0]
+    if p.slot_list == list(range(first, first + len(p.slot_list))):
+        return buf.narrow(0, first, len(p.slot_list))
+    return buf.index_select(0, p.slots)
+
+
 def bucket(n: int) -> int:
     """Round a row length up so that a few static shapes cover all steps."""
     if n <= 8:
@@ -388,7 +396,7 @@ class Gemma4Unified(nn.Module):
         for sliding in (True, False):
             new_pos = torch.where(p.valid, q_pos, torch.full_like(q_pos, -1))
             if cache is not None:
-                past = (cache.pos_sliding if sliding else cache.pos_full).index_select(0, p.slots)
+                past = _rows(cache.pos_sliding if sliding else cache.pos_full, p)
                 kv_pos = torch.cat([past, new_pos], dim=1)
                 kv_blocks = torch.cat([torch.full_like(past, -1), blocks], dim=1)
                 past_pos[sliding] = past
@@ -429,8 +437,8 @@ class Gemma4Unified(nn.Module):
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.project(h, *rope[sliding])
             if cache is not None:
-                kk = torch.cat([cache.k[i].index_select(0, p.slots), k.to(cache.dtype)], dim=2)
-                vv = torch.cat([cache.v[i].index_select(0, p.slots), v.to(cache.dtype)], dim=2)
+                kk = torch.cat([_rows(cache.k[i], p), k.to(cache.dtype)], dim=2)
+                vv = torch.cat([_rows(cache.v[i], p), v.to(cache.dtype)], dim=2)
             else:
                 kk, vv = k, v
             attn = F.scaled_dot_product_attention(

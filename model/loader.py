@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -102,34 +104,65 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_weights(
-    model: Gemma4Unified, path: Path, device: torch.device, dtype: torch.dtype
+def _check_and_assign(
+    model: Gemma4Unified,
+    items: Iterable[tuple[str, str, tuple[int, ...], Callable[[], torch.Tensor]]],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    """Assign (source, key, shape, read) tensors one by one, checking names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = model.lm_head is None
     state: dict[str, torch.Tensor] = {}
+    for source, key, shape, read in items:
+        name = canonical_key(key)
+        if name is None or (name == "lm_head.weight" and tied):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {key!r}")
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {shape}, expected {expected[name]} "
+                "from config.json"
+            )
+        state[name] = read().to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"missing tensor(s) {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    t = model.cfg.text
+    model.inv_freq_sliding = rope_inv_freq(t.rope_sliding, t.head_dim).to(device)
+    model.inv_freq_full = rope_inv_freq(t.rope_full, t.global_head_dim).to(device)
+
+
+def _file_items(
+    path: Path,
+) -> Iterator[tuple[str, str, tuple[int, ...], Callable[[], torch.Tensor]]]:
     for f in _weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    name = canonical_key(key)
-                    if name is None or (name == "lm_head.weight" and tied):
-                        continue
-                    if name not in expected:
-                        raise CheckpointError(f"{f.name}: unexpected tensor {key!r}")
                     shape = tuple(sf.get_slice(key).get_shape())
-                    if shape != tuple(expected[name]):
-                        raise CheckpointError(
-                            f"{f.name}: tensor {key!r} has shape {shape}, "
-                            f"expected {tuple(expected[name])} from config.json"
-                        )
-                    state[name] = sf.get_tensor(key).to(device=device, dtype=dtype)
+                    yield f.name, key, shape, partial(sf.get_tensor, key)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}")
-    model.load_state_dict(state, strict=True, assign=True)
+
+
+def from_state_dict(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Gemma4Unified:
+    """Build the backbone from in-memory tensors (e.g. a transformers model's state_dict).
+
+    Tensors already on ``device`` in ``dtype`` are shared, not copied.
+    """
+    with torch.device("meta"):
+        model = Gemma4Unified(cfg)
+    items = (("state_dict", k, tuple(v.shape), partial(lambda t: t, v)) for k, v in state.items())
+    _check_and_assign(model, items, torch.device(device), dtype)
+    return model.eval()
 
 
 def load(
@@ -143,10 +176,10 @@ def load(
     dev = torch.device(device)
     with torch.device("meta"):
         model = Gemma4Unified(cfg)
-    load_weights(model, path, dev, dtype)
-    t = cfg.text
-    model.inv_freq_sliding = rope_inv_freq(t.rope_sliding, t.head_dim).to(dev)
-    model.inv_freq_full = rope_inv_freq(t.rope_full, t.global_head_dim).to(dev)
+    try:
+        _check_and_assign(model, _file_items(path), dev, dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     tok = path / "tokenizer.json"
     model.tokenizer = Tokenizer.from_file(tok, cfg.tokens) if tok.exists() else None
     return model.eval()

@@ -1,0 +1,149 @@
+"""Step throughput: rawcast's ragged step versus transformers' forward with its cache.
+
+Both run the SAME weights in the same process (rawcast shares the transformers
+model's tensors), so the ratios compare implementations, not machines.
+Reports tokens/s for decode at batch 1, 8, 32 and for media appends of 8 and 64
+audio frames at batch 1, plus the KV-cache memory of one slot.
+
+    python bench/step.py                       # tiny preset, fp32 and bf16
+    python bench/step.py --config 12b-shaped-L6 --dtype bf16 --batches 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rawcast.model import Append, CacheSpec, KVCache, preset
+from rawcast.model.cache import slot_bytes
+from rawcast.model.loader import from_state_dict
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = 64
+
+
+def hf_model(name: str, dtype: torch.dtype) -> Any:
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    cfg = preset(name)
+    d = cfg.to_dict()
+    hf_cfg = Gemma4UnifiedConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Gemma4UnifiedForConditionalGeneration(hf_cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for name_, p in model.named_parameters():
+            if "norm" in name_ or "_ln" in name_:
+                p.fill_(1.0)
+        for layer in model.model.language_model.layers:
+            layer.layer_scalar.fill_(1.0)
+    return model.eval()
+
+
+def timeit(fn: Callable[[], Any], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_config(name: str, dtype_name: str, batches: list[int], appends: list[int], reps: int) -> None:
+    from transformers import DynamicCache
+
+    dtype = DTYPES[dtype_name]
+    hf = hf_model(name, dtype)
+    cfg = preset(name)
+    model = from_state_dict(cfg, hf.state_dict(), dtype=dtype)
+    audio_id = cfg.tokens.audio
+    spec = CacheSpec(slots=max(batches), full_capacity=PROMPT + 64 * (reps + 2) + 64, branch_room=256)
+    print(f"\n## {name} {dtype_name}: one slot's KV cache = {slot_bytes(cfg.text, spec, dtype) / 2**20:.2f} MiB "
+          f"(window {cfg.text.sliding_window} + branch {spec.branch_room}, full {spec.full_capacity})")
+    print("| work | rawcast tok/s | transformers tok/s | ratio |")
+    print("|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, 200, (PROMPT,), generator=g)
+
+    for b in batches:
+        cache = KVCache(cfg.text, spec, dtype=dtype)
+        with torch.inference_mode():
+            model.step([Append(s, prompt_ids) for s in range(b)], cache)
+        marks = [cache.mark(s) for s in range(b)]
+        tok = [7] * b
+
+        def ours() -> None:
+            for s in range(b):
+                if cache.length(s) - marks[s] >= 200:
+                    cache.rollback(s, marks[s])
+            model.step([Append(s, [tok[s]]) for s in range(b)], cache)
+
+        hf_cache = DynamicCache(config=hf.config.get_text_config())
+        with torch.inference_mode():
+            hf(input_ids=prompt_ids.expand(b, -1), cache=hf_cache, use_cache=True)
+        step_ids = torch.full((b, 1), 7)
+
+        def theirs() -> None:
+            with torch.inference_mode():
+                hf(input_ids=step_ids, cache=hf_cache, use_cache=True)
+
+        t_ours, t_theirs = timeit(ours, reps), timeit(theirs, reps)
+        print(f"| decode batch {b} | {b / t_ours:.1f} | {b / t_theirs:.1f} | {t_theirs / t_ours:.2f}x |")
+
+    for n in appends:
+        cache = KVCache(cfg.text, spec, dtype=dtype)
+        with torch.inference_mode():
+            model.step([Append(0, prompt_ids)], cache)
+        frames = 0.1 * torch.randn(n, 640, generator=g)
+        ids = [audio_id] * n
+
+        def ours_a() -> None:
+            model.step([Append(0, ids, audio=frames)], cache)
+
+        hf_cache = DynamicCache(config=hf.config.get_text_config())
+        with torch.inference_mode():
+            hf(input_ids=prompt_ids.view(1, -1), cache=hf_cache, use_cache=True)
+        hf_ids = torch.tensor([ids])
+        mask = torch.ones(1, n, dtype=torch.bool)
+
+        def theirs_a() -> None:
+            with torch.inference_mode():
+                hf(input_ids=hf_ids, input_features=frames.view(1, n, 640).to(dtype),
+                   input_features_mask=mask, cache=hf_cache, use_cache=True)
+
+        t_ours, t_theirs = timeit(ours_a, reps), timeit(theirs_a, reps)
+        print(f"| append {n} audio frames | {n / t_ours:.1f} | {n / t_theirs:.1f} | {t_theirs / t_ours:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", nargs="+", default=["tiny"])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--appends", nargs="+", type=int, default=[8, 64])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # random weights drive activations into denormals on CPU
+    print(f"# bench/step.py on {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name in args.config:
+        for dt in args.dtype:
+            bench_config(name, dt, args.batches, args.appends, args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The installed package is complete and its command line works."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import rawcast.transports.cli as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+RAWCAST = str(Path(sys.executable).with_name("rawcast"))
+
+
+def test_every_subpackage_is_listed_in_pyproject() -> None:
+    """Every folder holding __init__.py under the code folders is in the wheel's package list."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(meta["tool"]["setuptools"]["packages"])
+    mapping = meta["tool"]["setuptools"]["package-dir"]
+    found = set()
+    for pkg, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([pkg, *rel.parts]) if rel.parts else pkg)
+    assert found == listed
+
+
+def test_help_and_version() -> None:
+    """`rawcast --help` lists the commands and `rawcast --version` prints the package version."""
+    out = subprocess.run([RAWCAST, "--help"], capture_output=True, text=True, check=True)
+    assert "serve" in out.stdout
+    out = subprocess.run([RAWCAST, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("rawcast 0.")
+
+
+def test_bad_flag_exits_non_zero_with_one_line() -> None:
+    """A wrong option value fails with argparse's usage error, not a traceback."""
+    out = subprocess.run([RAWCAST, "--log-level", "loud", "serve"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr and "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_answers_health_checks() -> None:
+    """`rawcast serve` listens on the given port and answers /healthz and /readyz."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [RAWCAST, "--log-format", "json", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        body = b""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    body = r.read()
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert b'"ok"' in body
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode in (0, -15)
+
+
+def test_no_command_prints_help() -> None:
+    """Running without a command prints help and exits 2."""
+    assert cli.main([]) == 2

@@ -46,7 +46,9 @@ def slot_bytes(cfg: TextConfig, spec: CacheSpec, dtype: torch.dtype) -> int:
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
     for layer in range(cfg.num_hidden_layers):
-        cap = (cfg.sliding_window + spec.branch_room) if cfg.is_sliding(layer) else spec.full_capacity
+        cap = (
+            (cfg.sliding_window + spec.branch_room) if cfg.is_sliding(layer) else spec.full_capacity
+        )
         total += 2 * cfg.layer_kv_heads(layer) * (cap + 1) * cfg.layer_head_dim(layer) * item
     return total
 

@@ -183,3 +183,36 @@ def load(
     tok = path / "tokenizer.json"
     model.tokenizer = Tokenizer.from_file(tok, cfg.tokens) if tok.exists() else None
     return model.eval()
+
+
+def checkpoint_key(name: str) -> str:
+    """rawcast parameter name -> the on-disk key transformers reads (inverse of canonical_key)."""
+    if name.startswith("audio."):
+        return "model.embed_audio." + name.removeprefix("audio.")
+    if name == "vision.embedding_projection.weight":
+        return "model.embed_vision.embedding_projection.weight"
+    if name.startswith("vision."):
+        return "model.vision_embedder." + name.removeprefix("vision.")
+    if name == "lm_head.weight":
+        return name
+    return "model.language_model." + name
+
+
+def save(model: Gemma4Unified, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors that both rawcast and transformers load.
+
+    The tokenizer, when the model has one, is written as tokenizer.json.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    tensors = {
+        checkpoint_key(k): (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save(out / "tokenizer.json")
+    return out

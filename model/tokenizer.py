@@ -63,6 +63,9 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer has no {text} token")
         return int(found)
 
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size())

@@ -311,3 +311,19 @@ def test_loading_errors_name_the_problem(
 
     with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
         rm.load(tmp_path / "nowhere")
+
+
+def test_saved_checkpoint_loads_in_transformers(tiny: rm.Gemma4Unified, tmp_path: Path) -> None:
+    """rawcast's save() writes a checkpoint that transformers loads to the same logits."""
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    from rawcast.model.loader import save
+
+    save(tiny, tmp_path / "ck")
+    hf = Gemma4UnifiedForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
+    ids, audio, images = prompt(n_text=7, n_audio=9, image_cells=[6], seed=4)
+    ref = hf_logits(hf, ids, audio, images)
+    assert (tiny.logits(ids, audio=audio, images=images) - ref).abs().max().item() < 1e-4
+    again = rm.load(tmp_path / "ck")
+    same = again.logits(ids, audio=audio, images=images)
+    assert torch.equal(same, tiny.logits(ids, audio=audio, images=images))

@@ -60,74 +60,112 @@ def timeit(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_config(name: str, dtype_name: str, batches: list[int], appends: list[int], reps: int) -> None:
+def _row(work: str, rawcast_s: float, hf_s: float, tokens: int) -> str:
+    return f"| {work} | {tokens / rawcast_s:.1f} | {tokens / hf_s:.1f} | {hf_s / rawcast_s:.2f}x |"
+
+
+def bench_decode(
+    model: Any,
+    hf: Any,
+    spec: CacheSpec,
+    dtype: torch.dtype,
+    b: int,
+    prompt_ids: torch.Tensor,
+    reps: int,
+) -> str:
     from transformers import DynamicCache
 
+    cache = KVCache(model.cfg.text, spec, dtype=dtype)
+    with torch.inference_mode():
+        model.step([Append(s, prompt_ids) for s in range(b)], cache)
+    marks = [cache.mark(s) for s in range(b)]
+    rows = [Append(s, [7]) for s in range(b)]
+
+    def ours() -> None:
+        for s in range(b):
+            if cache.length(s) - marks[s] >= spec.branch_room:
+                cache.rollback(s, marks[s])
+        model.step(rows, cache)
+
+    hf_cache = DynamicCache(config=hf.config.get_text_config())
+    with torch.inference_mode():
+        hf(input_ids=prompt_ids.expand(b, -1), cache=hf_cache, use_cache=True)
+    step_ids = torch.full((b, 1), 7)
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            hf(input_ids=step_ids, cache=hf_cache, use_cache=True)
+
+    return _row(f"decode batch {b}", timeit(ours, reps), timeit(theirs, reps), b)
+
+
+def bench_append(
+    model: Any,
+    hf: Any,
+    spec: CacheSpec,
+    dtype: torch.dtype,
+    n: int,
+    prompt_ids: torch.Tensor,
+    reps: int,
+) -> str:
+    from transformers import DynamicCache
+
+    cache = KVCache(model.cfg.text, spec, dtype=dtype)
+    with torch.inference_mode():
+        model.step([Append(0, prompt_ids)], cache)
+    frames = 0.1 * torch.randn(n, 640, generator=torch.Generator().manual_seed(n))
+    ids = [model.cfg.tokens.audio] * n
+
+    def ours() -> None:
+        model.step([Append(0, ids, audio=frames)], cache)
+
+    hf_cache = DynamicCache(config=hf.config.get_text_config())
+    with torch.inference_mode():
+        hf(input_ids=prompt_ids.view(1, -1), cache=hf_cache, use_cache=True)
+    hf_ids = torch.tensor([ids])
+    mask = torch.ones(1, n, dtype=torch.bool)
+    feats = frames.view(1, n, 640).to(dtype)
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            hf(
+                input_ids=hf_ids,
+                input_features=feats,
+                input_features_mask=mask,
+                cache=hf_cache,
+                use_cache=True,
+            )
+
+    return _row(f"append {n} audio frames", timeit(ours, reps), timeit(theirs, reps), n)
+
+
+def bench_config(
+    name: str, dtype_name: str, batches: list[int], appends: list[int], reps: int
+) -> None:
     dtype = DTYPES[dtype_name]
     hf = hf_model(name, dtype)
     cfg = preset(name)
     model = from_state_dict(cfg, hf.state_dict(), dtype=dtype)
-    audio_id = cfg.tokens.audio
-    spec = CacheSpec(slots=max(batches), full_capacity=PROMPT + 64 * (reps + 2) + 64, branch_room=256)
-    print(f"\n## {name} {dtype_name}: one slot's KV cache = {slot_bytes(cfg.text, spec, dtype) / 2**20:.2f} MiB "
-          f"(window {cfg.text.sliding_window} + branch {spec.branch_room}, full {spec.full_capacity})")
+    full = PROMPT + max(appends, default=0) * (reps + 2) + 64
+    spec = CacheSpec(slots=max(batches), full_capacity=full, branch_room=256)
+    mib = slot_bytes(cfg.text, spec, dtype) / 2**20
+    print(
+        f"\n## {name} {dtype_name}: one slot's KV cache = {mib:.2f} MiB (window "
+        f"{cfg.text.sliding_window} + branch {spec.branch_room}, full {spec.full_capacity})"
+    )
     print("| work | rawcast tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
-    g = torch.Generator().manual_seed(0)
-    prompt_ids = torch.randint(3, 200, (PROMPT,), generator=g)
-
+    prompt_ids = torch.randint(3, 200, (PROMPT,), generator=torch.Generator().manual_seed(0))
     for b in batches:
-        cache = KVCache(cfg.text, spec, dtype=dtype)
-        with torch.inference_mode():
-            model.step([Append(s, prompt_ids) for s in range(b)], cache)
-        marks = [cache.mark(s) for s in range(b)]
-        tok = [7] * b
-
-        def ours() -> None:
-            for s in range(b):
-                if cache.length(s) - marks[s] >= 200:
-                    cache.rollback(s, marks[s])
-            model.step([Append(s, [tok[s]]) for s in range(b)], cache)
-
-        hf_cache = DynamicCache(config=hf.config.get_text_config())
-        with torch.inference_mode():
-            hf(input_ids=prompt_ids.expand(b, -1), cache=hf_cache, use_cache=True)
-        step_ids = torch.full((b, 1), 7)
-
-        def theirs() -> None:
-            with torch.inference_mode():
-                hf(input_ids=step_ids, cache=hf_cache, use_cache=True)
-
-        t_ours, t_theirs = timeit(ours, reps), timeit(theirs, reps)
-        print(f"| decode batch {b} | {b / t_ours:.1f} | {b / t_theirs:.1f} | {t_theirs / t_ours:.2f}x |")
-
+        print(bench_decode(model, hf, spec, dtype, b, prompt_ids, reps), flush=True)
     for n in appends:
-        cache = KVCache(cfg.text, spec, dtype=dtype)
-        with torch.inference_mode():
-            model.step([Append(0, prompt_ids)], cache)
-        frames = 0.1 * torch.randn(n, 640, generator=g)
-        ids = [audio_id] * n
-
-        def ours_a() -> None:
-            model.step([Append(0, ids, audio=frames)], cache)
-
-        hf_cache = DynamicCache(config=hf.config.get_text_config())
-        with torch.inference_mode():
-            hf(input_ids=prompt_ids.view(1, -1), cache=hf_cache, use_cache=True)
-        hf_ids = torch.tensor([ids])
-        mask = torch.ones(1, n, dtype=torch.bool)
-
-        def theirs_a() -> None:
-            with torch.inference_mode():
-                hf(input_ids=hf_ids, input_features=frames.view(1, n, 640).to(dtype),
-                   input_features_mask=mask, cache=hf_cache, use_cache=True)
-
-        t_ours, t_theirs = timeit(ours_a, reps), timeit(theirs_a, reps)
-        print(f"| append {n} audio frames | {n / t_ours:.1f} | {n / t_theirs:.1f} | {t_theirs / t_ours:.2f}x |")
+        print(bench_append(model, hf, spec, dtype, n, prompt_ids, reps), flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", nargs="+", default=["tiny"])
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
@@ -138,8 +176,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random weights drive activations into denormals on CPU
-    print(f"# bench/step.py on {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"# bench/step.py on {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     for name in args.config:
         for dt in args.dtype:
             bench_config(name, dt, args.batches, args.appends, args.reps)

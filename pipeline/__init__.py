@@ -1,1 +1,1 @@
-"""rawcast.pipeline: media framing, sessions and the streaming engine (no I/O, no asyncio in the core)."""
+"""rawcast.pipeline: media framing, sessions and the streaming engine (no I/O in the core)."""

@@ -8,7 +8,6 @@ accumulated from floats, so long streams do not drift.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Literal
 
 import numpy as np
@@ -94,11 +93,6 @@ class PatchGrid:
     @property
     def num_cells(self) -> int:
         return self.rows * self.cols
-
-
-class EventKind(str, Enum):
-    PARTIAL = "partial"
-    FINAL = "final"
 
 
 @dataclass(frozen=True)

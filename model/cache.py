@@ -38,7 +38,8 @@ class CacheFullError(RuntimeError):
 class CacheSpec:
     slots: int
     full_capacity: int  # tokens of bounded context for full-attention layers
-    branch_room: int = 256  # longest decode branch that can be rolled back
+    branch_room: int = 256  # longest decode branch (rolled back, or in a branch buffer)
+    branches: int = 0  # branch buffers: decode continuations that share a slot's prefix
 
 
 def slot_bytes(cfg: TextConfig, spec: CacheSpec, dtype: torch.dtype) -> int:
@@ -81,6 +82,23 @@ class KVCache:
         self.pos_full = torch.full(
             (spec.slots, self.full_capacity + 1), -1, dtype=torch.long, device=self.device
         )
+        # Branch buffers: (branches + 1) rows of branch_room + 1 entries for every layer;
+        # the last row is a permanently empty stand-in for rows that are not branches.
+        self.kb: list[torch.Tensor] = []
+        self.vb: list[torch.Tensor] = []
+        for layer in range(cfg.num_hidden_layers):
+            shape = (
+                spec.branches + 1,
+                cfg.layer_kv_heads(layer),
+                spec.branch_room + 1,
+                cfg.layer_head_dim(layer),
+            )
+            self.kb.append(torch.zeros(shape, device=self.device, dtype=dtype))
+            self.vb.append(torch.zeros(shape, device=self.device, dtype=dtype))
+        self.pos_branch = torch.full(
+            (spec.branches + 1, spec.branch_room + 1), -1, dtype=torch.long, device=self.device
+        )
+        self.branch_lengths = [0] * spec.branches
         self.lengths = [0] * spec.slots
         # Position of the oldest token that a rollback may still return to, per slot.
         self._rollback_floor = [0] * spec.slots
@@ -104,6 +122,21 @@ class KVCache:
         self.pos_full[slot].fill_(-1)
         self.lengths[slot] = 0
         self._rollback_floor[slot] = 0
+
+    def reset_branch(self, branch: int) -> None:
+        """Empty a branch buffer (its tokens are forgotten; the slot's prefix is untouched)."""
+        self.pos_branch[branch].fill_(-1)
+        self.branch_lengths[branch] = 0
+
+    def branch_length(self, branch: int) -> int:
+        return self.branch_lengths[branch]
+
+    def check_branch_room(self, branch: int, n: int) -> None:
+        if self.branch_lengths[branch] + n > self.spec.branch_room:
+            raise CacheFullError(
+                f"branch {branch}: {self.branch_lengths[branch]} + {n} tokens exceed "
+                f"branch_room {self.spec.branch_room}"
+            )
 
     def mark(self, slot: int) -> int:
         return self.lengths[slot]
@@ -143,15 +176,17 @@ class KVCache:
     def write(
         self,
         layer: int,
-        slots: torch.Tensor,
+        rows: torch.Tensor,
         index: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        branch: bool = False,
     ) -> None:
-        """Store new K/V (B, kv_heads, T, D) of ``slots`` (B,) at ``index`` (B, T)."""
+        """Store new K/V (B, kv_heads, T, D) of slot/branch ``rows`` (B,) at ``index`` (B, T)."""
         b, h, t, _ = k.shape
-        si = slots.view(b, 1, 1).expand(b, h, t)
+        si = rows.view(b, 1, 1).expand(b, h, t)
         hi = torch.arange(h, device=k.device).view(1, h, 1).expand(b, h, t)
         ti = index.view(b, 1, t).expand(b, h, t)
-        self.k[layer].index_put_((si, hi, ti), k.to(self.dtype))
-        self.v[layer].index_put_((si, hi, ti), v.to(self.dtype))
+        kbuf, vbuf = (self.kb[layer], self.vb[layer]) if branch else (self.k[layer], self.v[layer])
+        kbuf.index_put_((si, hi, ti), k.to(self.dtype))
+        vbuf.index_put_((si, hi, ti), v.to(self.dtype))

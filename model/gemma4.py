@@ -208,12 +208,17 @@ class Append:
     ``audio`` (n, 640) fills the audio placeholders, ``images`` (cells (n, 6912),
     positions (n, 2)) fill the image placeholders. A patch grid must be appended
     whole in one row (its cells attend to each other both ways).
+
+    With ``branch`` set, the row continues branch buffer ``branch`` on top of the
+    slot's cached prefix: the slot is read, never written, so several branches
+    (e.g. one per task) decode together over one shared prefix.
     """
 
     slot: int
     tokens: Sequence[int] | torch.Tensor
     audio: torch.Tensor | None = None
     images: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    branch: int | None = None  # write to this branch buffer; the slot is a read-only prefix
 
 
 @dataclass
@@ -230,6 +235,10 @@ class Packed:
     audio: torch.Tensor | None  # (Na, 640) in row-major placeholder order
     cells: torch.Tensor | None  # (Nc, 6912)
     cell_positions: torch.Tensor | None  # (Nc, 2)
+    branch_list: list[int | None] = field(default_factory=list)  # host: branch per row
+    branches: torch.Tensor | None = None  # (B,) branch buffer row (the empty row if none)
+    is_branch: torch.Tensor | None = None  # (B,) bool
+    bases: torch.Tensor | None = None  # (B,) position of each branch's first token
 
 
 def _rows(buf: torch.Tensor, p: Packed) -> torch.Tensor:
@@ -292,23 +301,36 @@ class Gemma4Unified(nn.Module):
         if min(lengths) == 0:
             raise ValueError("every row of a step must append at least one token")
         slots = [r.slot for r in rows]
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"a slot may appear once per step, got {slots}")
+        main = [r.slot for r in rows if r.branch is None]
+        brs = [r.branch for r in rows if r.branch is not None]
+        if len(set(main)) != len(main):
+            raise ValueError(f"a slot may be appended to once per step, got {main}")
+        if len(set(brs)) != len(brs):
+            raise ValueError(f"a branch may appear once per step, got {brs}")
+        if set(main) & {r.slot for r in rows if r.branch is not None}:
+            raise ValueError("a slot cannot be appended to while its branches decode in the step")
         t_max = max(lengths)
         width = pad_to if pad_to is not None else bucket(t_max)
         if width < t_max:
             raise ValueError(f"pad_to={width} is shorter than the longest row ({t_max})")
         ids = torch.full((len(rows), width), self.cfg.tokens.pad, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        starts = []
+        starts, bases = [], []
         for i, (x, r) in enumerate(zip(toks, rows, strict=True)):
             ids[i, : x.numel()] = x
             valid[i, : x.numel()] = True
-            start = 0
+            start = base = 0
             if cache is not None:
-                cache.check_room(r.slot, x.numel())
-                start = cache.length(r.slot)
+                base = start = cache.length(r.slot)
+                if r.branch is None:
+                    cache.check_room(r.slot, x.numel())
+                else:
+                    cache.check_branch_room(r.branch, x.numel())
+                    start += cache.branch_length(r.branch)
+            elif r.branch is not None:
+                raise ValueError("branch rows need a cache")
             starts.append(start)
+            bases.append(base)
         positions = torch.tensor(starts).view(-1, 1) + torch.arange(width).view(1, -1)
         audio, cells, cell_pos = self._gather_media(rows, toks)
         return Packed(
@@ -322,6 +344,16 @@ class Gemma4Unified(nn.Module):
             audio=audio,
             cells=cells,
             cell_positions=cell_pos,
+            branch_list=[r.branch for r in rows],
+            branches=torch.tensor(
+                [cache.spec.branches if r.branch is None else r.branch for r in rows],
+                dtype=torch.long,
+                device=dev,
+            )
+            if cache is not None and brs
+            else None,
+            is_branch=torch.tensor([r.branch is not None for r in rows], device=dev),
+            bases=torch.tensor(bases, dtype=torch.long, device=dev),
         )
 
     def _gather_media(
@@ -397,6 +429,8 @@ class Gemma4Unified(nn.Module):
             new_pos = torch.where(p.valid, q_pos, torch.full_like(q_pos, -1))
             if cache is not None:
                 past = _rows(cache.pos_sliding if sliding else cache.pos_full, p)
+                if p.branches is not None:
+                    past = torch.cat([past, cache.pos_branch.index_select(0, p.branches)], dim=1)
                 kv_pos = torch.cat([past, new_pos], dim=1)
                 kv_blocks = torch.cat([torch.full_like(past, -1), blocks], dim=1)
                 past_pos[sliding] = past
@@ -425,20 +459,32 @@ class Gemma4Unified(nn.Module):
             False: rope_cos_sin(p.positions, self.inv_freq_full, x.dtype),
         }
         write_idx: dict[bool, torch.Tensor] = {}
+        branch_idx: torch.Tensor | None = None
         if cache is not None:
+            assert p.is_branch is not None and p.bases is not None
             last_pos = p.positions.gather(1, p.last.view(-1, 1))
+            main_row = (~p.is_branch).view(-1, 1)
             for sliding in (True, False):
                 ref = t.sliding_layers[0] if sliding and t.sliding_layers else t.full_layers[0]
-                keep = p.valid & (p.positions > last_pos - cache.capacity(ref))
+                keep = p.valid & main_row & (p.positions > last_pos - cache.capacity(ref))
                 write_idx[sliding] = cache.write_index(ref, p.positions, keep)
+            if p.branches is not None:
+                room = cache.spec.branch_room
+                offs = p.positions - p.bases.view(-1, 1)
+                keep_b = p.valid & ~main_row & (offs < room)
+                branch_idx = torch.where(keep_b, offs, torch.full_like(offs, room))
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             sliding = layer.sliding
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.project(h, *rope[sliding])
             if cache is not None:
-                kk = torch.cat([_rows(cache.k[i], p), k.to(cache.dtype)], dim=2)
-                vv = torch.cat([_rows(cache.v[i], p), v.to(cache.dtype)], dim=2)
+                ks, vs = [_rows(cache.k[i], p)], [_rows(cache.v[i], p)]
+                if p.branches is not None:
+                    ks.append(cache.kb[i].index_select(0, p.branches))
+                    vs.append(cache.vb[i].index_select(0, p.branches))
+                kk = torch.cat([*ks, k.to(cache.dtype)], dim=2)
+                vv = torch.cat([*vs, v.to(cache.dtype)], dim=2)
             else:
                 kk, vv = k, v
             attn = F.scaled_dot_product_attention(
@@ -453,11 +499,13 @@ class Gemma4Unified(nn.Module):
             attn = layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, tt, -1))
             if cache is not None:
                 cache.write(i, p.slots, write_idx[sliding], k, v)
+                if p.branches is not None and branch_idx is not None:
+                    cache.write(i, p.branches, branch_idx, k, v, branch=True)
             x = x + layer.post_attention_layernorm(attn)
             x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
             x = x * layer.layer_scalar
         if cache is not None:
-            self._commit_positions(p, cache, write_idx)
+            self._commit_positions(p, cache, write_idx, branch_idx)
         x = self.norm(x)
         if not all_logits:
             x = x.gather(1, p.last.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
@@ -465,15 +513,27 @@ class Gemma4Unified(nn.Module):
         return softcap(F.linear(x, w).float(), t.final_logit_softcapping)
 
     def _commit_positions(
-        self, p: Packed, cache: KVCache, write_idx: dict[bool, torch.Tensor]
+        self,
+        p: Packed,
+        cache: KVCache,
+        write_idx: dict[bool, torch.Tensor],
+        branch_idx: torch.Tensor | None,
     ) -> None:
         b, tt = p.positions.shape
         si = p.slots.view(b, 1).expand(b, tt)
         for sliding, table in ((True, cache.pos_sliding), (False, cache.pos_full)):
             table.index_put_((si, write_idx[sliding]), p.positions)
             table[:, -1] = -1  # the trash column holds nothing
-        for slot, n in zip(p.slot_list, p.lengths, strict=True):
-            cache.advance(slot, n)
+        if p.branches is not None and branch_idx is not None:
+            bi = p.branches.view(b, 1).expand(b, tt)
+            cache.pos_branch.index_put_((bi, branch_idx), p.positions)
+            cache.pos_branch[:, -1] = -1
+            cache.pos_branch[-1] = -1  # the stand-in row stays empty
+        for slot, br, n in zip(p.slot_list, p.branch_list, p.lengths, strict=True):
+            if br is None:
+                cache.advance(slot, n)
+            else:
+                cache.branch_lengths[br] += n
 
     # --- public API ---
 

@@ -327,3 +327,46 @@ def test_saved_checkpoint_loads_in_transformers(tiny: rm.Gemma4Unified, tmp_path
     again = rm.load(tmp_path / "ck")
     same = again.logits(ids, audio=audio, images=images)
     assert torch.equal(same, tiny.logits(ids, audio=audio, images=images))
+
+
+def test_branches_share_a_prefix_and_leave_it_untouched(tiny: rm.Gemma4Unified) -> None:
+    """Three branches over one slot's prefix decode in one forward, each equal to its own
+    one-pass prompt; the prefix then continues as if they never existed."""
+    window = tiny.cfg.text.sliding_window
+    ids, audio, _ = prompt(n_text=3, n_audio=3 * window, image_cells=[], seed=11)
+    cut = int((ids == EOA).nonzero()[0]) - 5
+    spec = CacheSpec(slots=2, full_capacity=512, branch_room=12, branches=3)
+    cache = KVCache(tiny.cfg.text, spec)
+    tiny.step([_row(0, ids, audio, [], 0, cut)], cache)
+    tails = [[EOA, 106, 17, 18], [EOA, 106, 40], [EOA, 107, 41, 42, 43]]
+    refs = []
+    for tail in tails:
+        full = torch.cat([ids[:cut], torch.tensor(tail)])
+        n_a = int((full == AUDIO).sum())
+        refs.append(tiny.logits(full, audio=audio[:n_a] if audio is not None else None))
+    # first tokens of each branch as one chunk, then one token per step, all in one forward
+    out = tiny.step([Append(0, t[:2], branch=b) for b, t in enumerate(tails)], cache)
+    for b in range(3):
+        assert (out[b] - refs[b][cut + 1]).abs().max().item() < 1e-4
+    for j in range(2, 5):
+        rows = [Append(0, [t[j]], branch=b) for b, t in enumerate(tails) if j < len(t)]
+        out = tiny.step(rows, cache)
+        for r, row in enumerate(rows):
+            assert row.branch is not None
+            assert (out[r] - refs[row.branch][cut + j]).abs().max().item() < 1e-4
+    for b in range(3):
+        cache.reset_branch(b)
+    assert cache.length(0) == cut
+    ref = tiny.logits(ids, audio=audio)
+    for i in range(cut, ids.numel()):
+        out = tiny.step([_row(0, ids, audio, [], i, i + 1)], cache)
+        assert (out[0] - ref[i]).abs().max().item() < 1e-4
+
+
+def test_branch_room_is_enforced(tiny: rm.Gemma4Unified) -> None:
+    """A branch longer than its buffer is refused instead of overwriting."""
+    cache = KVCache(tiny.cfg.text, CacheSpec(slots=1, full_capacity=64, branch_room=4, branches=1))
+    tiny.step([Append(0, [2, 5])], cache)
+    tiny.step([Append(0, [7, 8, 9], branch=0)], cache)
+    with pytest.raises(rm.cache.CacheFullError, match="branch_room"):
+        tiny.step([Append(0, [10, 11], branch=0)], cache)

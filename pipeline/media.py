@@ -123,3 +123,34 @@ class TextEvent:
     @property
     def end(self) -> float:
         return samples_to_seconds(self.end_sample)
+
+
+@dataclass(frozen=True)
+class SpeechEvent:
+    """Voice activity of a stream: ``started`` or ``stopped`` at a sample position."""
+
+    kind: Literal["started", "stopped"]
+    sample: int
+
+    @property
+    def time(self) -> float:
+        return samples_to_seconds(self.sample)
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """Something went wrong for this stream; ``fatal`` ones close the session."""
+
+    code: str
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class ClosedEvent:
+    """The session is closed; no event follows."""
+
+    reason: str = "closed"
+
+
+Event = TextEvent | SpeechEvent | ErrorEvent | ClosedEvent

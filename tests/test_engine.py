@@ -1,0 +1,208 @@
+"""Engine invariants: streaming == offline, one forward per tick, bounded state, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+from tiny_model import fixture_pcm, tiny_model
+
+from rawcast.model.gemma4 import Gemma4Unified
+from rawcast.pipeline.engine import Engine, EngineConfig, EngineCore, SessionLimitError
+from rawcast.pipeline.media import ClosedEvent, ErrorEvent, Event, SpeechEvent, TextEvent
+from rawcast.pipeline.session import SessionConfig, Tasks
+from rawcast.pipeline.vad import SileroModel, VadConfig
+
+SILENCE = np.zeros(16000, np.float32)
+
+
+@pytest.fixture(scope="module")
+def model() -> Gemma4Unified:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroModel:
+    return SileroModel()
+
+
+def _finals(events: list[Event]) -> list[tuple[str, str, int, int]]:
+    return [
+        (e.task, e.text, e.start_sample, e.end_sample)
+        for e in events
+        if isinstance(e, TextEvent) and e.final
+    ]
+
+
+def _clip() -> np.ndarray:
+    pcm = fixture_pcm()
+    return np.concatenate([SILENCE, pcm, SILENCE[:8000], pcm, SILENCE])
+
+
+CFG = SessionConfig(tasks=Tasks(transcribe=True, translate="Spanish"), max_new_tokens=12)
+
+
+def test_streaming_equals_offline(model: Gemma4Unified, vad: SileroModel) -> None:
+    """Random chunk sizes interleaved with engine ticks give the offline final texts and times."""
+    audio = _clip()
+    offline = EngineCore(model, vad_model=vad)
+    s = offline.open(CFG)
+    s.push_audio(audio, 16000)
+    s.flush()
+    offline.run_until_idle()
+    want = _finals(s.outbox)
+    assert len(want) == 4  # two utterances x two tasks
+    assert all(ev[2] < ev[3] for ev in want)
+
+    rng = random.Random(0)
+    for trial in range(2):
+        live = EngineCore(model, vad_model=vad)
+        t = live.open(CFG)
+        i = 0
+        while i < audio.size:
+            n = rng.randint(1, 9000)
+            t.push_audio(audio[i : i + n], 16000)
+            i += n
+            for _ in range(rng.randint(0, 3) if trial else 1):
+                live.step()
+        t.flush()
+        live.run_until_idle()
+        assert _finals(t.outbox) == want
+
+
+def test_one_forward_per_tick_for_8_sessions_x_3_tasks(model: Gemma4Unified) -> None:
+    """With 8 sessions each running transcription, translation and captions, every tick is
+    ONE backbone forward, and a tick carries the branches of all 24 tasks together."""
+    core = EngineCore(model, EngineConfig(max_sessions=8, max_image_tokens=70))
+    cfg = SessionConfig(
+        tasks=Tasks(transcribe=True, translate="Spanish", caption=True),
+        vad=None, max_new_tokens=6, decode_interval_ms=400, max_soft_tokens=70,
+    )  # fmt: skip
+    sessions = [core.open(cfg) for _ in range(8)]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    for s in sessions:
+        s.push_image(image, 0.0)
+        s.push_audio(0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
+        s.flush()
+    widest = 0
+    ticks = 0
+    calls = 0
+    real_step = model.step
+
+    def counting_step(*a: object, **k: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real_step(*a, **k)  # type: ignore[arg-type]
+
+    model.step = counting_step  # type: ignore[method-assign]
+    try:
+        while core.has_work():
+            before = calls
+            rows = core.step()
+            if rows:
+                ticks += 1
+                assert calls - before == 1
+                widest = max(widest, rows)
+    finally:
+        del model.step
+    assert ticks > 0 and calls == ticks
+    assert widest >= 16  # the audio tasks of all 8 sessions decoded in one forward
+    captions = [e for s in sessions for e in s.outbox if isinstance(e, TextEvent)]
+    assert {e.task for e in captions} == {"transcribe", "translate", "caption"}
+
+
+def test_two_hour_stream_stays_bounded(model: Gemma4Unified) -> None:
+    """Two hours of audio (accelerated) keep the slot's length, the queue and the positions
+    bounded: each segment is reset after its final text."""
+    core = EngineCore(model, EngineConfig(max_sessions=1, max_segment_s=10.0))
+    cfg = SessionConfig(vad=None, max_segment_s=10.0, decode_interval_ms=5000, max_new_tokens=2)
+    s = core.open(cfg)
+    rng = np.random.default_rng(1)
+    chunk = (0.01 * rng.standard_normal(16000 * 60)).astype(np.float32)
+    bound = core.config.full_capacity()
+    longest = 0
+    for _minute in range(120):
+        s.push_audio(chunk, 16000)
+        while core.has_work():
+            core.step()
+            longest = max(longest, core.cache.length(s.slot))
+            assert len(s.items) < 1600
+        assert int(core.cache.pos_full.max()) < bound
+    assert longest <= 16 + 250
+    assert s.segment_id >= 700  # 720 ten-second segments, each reset after its final text
+    assert s.frames_in == 2 * 3600 * 25
+
+
+def test_silence_gives_no_text(model: Gemma4Unified, vad: SileroModel) -> None:
+    """A minute of silence and faint noise produces no speech and no text events."""
+    core = EngineCore(model, vad_model=vad)
+    s = core.open(CFG)
+    rng = np.random.default_rng(2)
+    s.push_audio(np.zeros(16000 * 30, np.float32), 16000)
+    s.push_audio((0.001 * rng.standard_normal(16000 * 30)).astype(np.float32), 16000)
+    s.flush()
+    core.run_until_idle()
+    assert not [e for e in s.outbox if isinstance(e, TextEvent | SpeechEvent)]
+    assert core.cache.length(s.slot) == 0
+
+
+def test_a_failing_session_does_not_disturb_others(model: Gemma4Unified, vad: SileroModel) -> None:
+    """Bad media ends its own session with an error; the other session gets its text."""
+    core = EngineCore(model, vad_model=vad)
+    good, bad = core.open(CFG), core.open(CFG)
+    good.push_audio(_clip(), 16000)
+    try:
+        bad.push_audio(np.full(800, np.nan, np.float32), 16000)
+    except ValueError as e:
+        core.fail(bad, e)
+    good.flush()
+    core.run_until_idle()
+    assert isinstance(bad.outbox[-1], ClosedEvent)
+    assert any(isinstance(e, ErrorEvent) and e.fatal for e in bad.outbox)
+    assert len(_finals(good.outbox)) == 4
+    assert bad.id not in core.sessions
+
+
+def test_session_limit_and_slot_reuse(model: Gemma4Unified) -> None:
+    """The limit refuses cleanly; closing a session frees its slot for the next one."""
+    core = EngineCore(model, EngineConfig(max_sessions=2))
+    a = core.open(SessionConfig(vad=None))
+    core.open(SessionConfig(vad=None))
+    with pytest.raises(SessionLimitError, match="2 session slots"):
+        core.open(SessionConfig(vad=None))
+    a.push_audio(0.1 * np.ones(6400, np.float32), 16000)
+    a.request_close()
+    core.run_until_idle()
+    assert a.closed and a.id not in core.sessions
+    c = core.open(SessionConfig(vad=None))
+    assert c.slot == a.slot
+    assert core.cache.length(c.slot) == 0
+
+
+async def test_async_engine_round_trip(model: Gemma4Unified, vad: SileroModel) -> None:
+    """The asyncio API: open, push from the loop, close gracefully, read events to the end."""
+    engine = Engine(model, EngineConfig(max_sessions=2), vad_model=vad)
+    await engine.start()
+    try:
+        h = await engine.open_session(CFG)
+        audio = _clip()
+        for i in range(0, audio.size, 3200):
+            h.push_audio(audio[i : i + 3200], 16000)
+        h.close()
+        events = [e async for e in h.events()]
+    finally:
+        await engine.stop()
+    assert isinstance(events[-1], ClosedEvent)
+    assert len(_finals(events)) == 4
+    assert [e.kind for e in events if isinstance(e, SpeechEvent)] == ["started", "stopped"] * 2
+
+
+def test_vad_config_is_validated() -> None:
+    """Out-of-range settings are refused at construction."""
+    with pytest.raises(ValueError):
+        VadConfig(threshold=1.5)
+    with pytest.raises(ValueError):
+        SessionConfig(decode_interval_ms=10)

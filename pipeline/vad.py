@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+import torch
 
 from rawcast.pipeline.media import FRAME_SAMPLES, SAMPLE_RATE
 
@@ -42,9 +43,13 @@ class SileroModel:
         opts = ort.SessionOptions()
         opts.inter_op_num_threads = 1
         opts.intra_op_num_threads = 1
+        # Creating an onnxruntime session resets the process's OpenMP thread count to 1,
+        # which would silently halve torch's throughput on the engine thread: restore it.
+        threads = torch.get_num_threads()
         self.session = ort.InferenceSession(
             str(path or default_model_path()), sess_options=opts, providers=["CPUExecutionProvider"]
         )
+        torch.set_num_threads(threads)
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
 
     def run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import numpy as np
@@ -206,3 +205,12 @@ def test_vad_config_is_validated() -> None:
         VadConfig(threshold=1.5)
     with pytest.raises(ValueError):
         SessionConfig(decode_interval_ms=10)
+
+
+def test_vad_model_keeps_torch_threads() -> None:
+    """Loading the ONNX VAD must not leave torch on one thread (onnxruntime resets OpenMP)."""
+    import torch
+
+    before = torch.get_num_threads()
+    SileroModel()
+    assert torch.get_num_threads() == before

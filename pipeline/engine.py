@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,19 @@ log = structlog.get_logger(__name__)
 
 class SessionLimitError(RuntimeError):
     """All session slots are in use."""
+
+
+class Observer:
+    """Hooks for metrics (no-ops here; the server plugs in Prometheus)."""
+
+    def tick(self, rows: int, seconds: float) -> None:
+        pass
+
+    def event_latency(self, task: str, seconds: float) -> None:
+        pass
+
+    def error(self, kind: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -64,9 +78,11 @@ class EngineCore:
         config: EngineConfig | None = None,
         vad_model: SileroModel | None = None,
         tokenizer: Tokenizer | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        self.observer = observer or Observer()
         tok = tokenizer or model.tokenizer
         if tok is None:
             raise ValueError("the engine needs a tokenizer (the checkpoint's tokenizer.json)")
@@ -113,6 +129,7 @@ class EngineCore:
         buffers = (3 * slot, 3 * slot + 1, 3 * slot + 2)
         self.cache.reset(slot)
         s = Session(slot, buffers, config, self.tok, self.vad_model, emit, session_id)
+        s.on_latency = self.observer.event_latency
         self.sessions[s.id] = s
         log.info("session.opened", session_id=s.id, slot=slot)
         return s
@@ -126,6 +143,7 @@ class EngineCore:
 
     def fail(self, s: Session, exc: BaseException) -> None:
         log.error("session.failed", session_id=s.id, error=repr(exc))
+        self.observer.error(type(exc).__name__)
         s.fail(self.cache, "session_error", f"{type(exc).__name__}: {exc}")
         self.release(s)
 
@@ -161,7 +179,9 @@ class EngineCore:
                 budget -= len(r.tokens)
         if not rows:
             return 0
+        t0 = time.perf_counter()
         tokens = self._forward(rows, owners)
+        self.observer.tick(len(rows), time.perf_counter() - t0)
         for r, s, tok in zip(rows, owners, tokens, strict=True):
             if s.closed or tok is None or r.branch is None:
                 continue
@@ -269,8 +289,9 @@ class Engine:
         model: Gemma4Unified,
         config: EngineConfig | None = None,
         vad_model: SileroModel | None = None,
+        observer: Observer | None = None,
     ) -> None:
-        self.core = EngineCore(model, config, vad_model)
+        self.core = EngineCore(model, config, vad_model, observer=observer)
         self._commands: queue.SimpleQueue[tuple[str, Callable[[Session], Any], bool]] = (
             queue.SimpleQueue()
         )

@@ -24,6 +24,7 @@ sessions except the model weights.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -116,6 +117,7 @@ class DecodeItem:
     final: bool
     caption: bool = False  # a caption decode (after an image), else the audio tasks
     sample: int = 0  # media position of the decode point
+    queued_at: float = field(default_factory=time.monotonic)  # for latency metrics only
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Branch:
     final: bool
     start_sample: int
     end_sample: int
+    queued_at: float = 0.0
     fed: int = 0
     generated: list[int] = field(default_factory=list)
     done: bool = False
@@ -171,6 +174,7 @@ class Session:
         self.tasks = config.tasks
         self.tok = tokenizer
         self.fmt = PromptFormat(tokenizer)
+        self.on_latency: Callable[[str, float], None] = lambda task, seconds: None
         self.outbox: list[Event] = []  # events, when no ``emit`` callback is given
         self.emit = emit if emit is not None else self.outbox.append
         self.framer = AudioFramer()
@@ -384,6 +388,7 @@ class Session:
                     final=item.final,
                     start_sample=item.sample if item.caption else start,
                     end_sample=item.sample if item.caption else self._segment_end,
+                    queued_at=item.queued_at,
                 )
             )
         self.decodes += 1
@@ -421,6 +426,8 @@ class Session:
         self.branches = []
 
     def _emit_text(self, b: Branch, text: str) -> None:
+        if b.final:
+            self.on_latency(b.task, time.monotonic() - b.queued_at)
         if b.task == "caption":
             self._captions += 1
             self.emit(

@@ -51,12 +51,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_answers_health_checks() -> None:
-    """`rawcast serve` listens on the given port and answers /healthz and /readyz."""
+def test_serve_answers_health_checks(tmp_path: Path) -> None:
+    """`rawcast serve` loads a checkpoint, listens on the port and answers health checks."""
+    from tiny_model import tiny_model
+
+    from rawcast.model.loader import save
+
+    ckpt = save(tiny_model(), tmp_path / "ckpt")
     port = _free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
-        [RAWCAST, "--log-format", "json", "serve", "--port", str(port)],
+        [RAWCAST, "--log-format", "json", "serve", "--port", str(port), "--model", str(ckpt)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -72,12 +77,29 @@ def test_serve_answers_health_checks() -> None:
             except OSError:
                 time.sleep(0.2)
         assert b'"ok"' in body
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            assert r.status == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ready once the model is loaded
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("never became ready")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
     assert proc.returncode in (0, -15)
+
+
+def test_serve_without_a_model_fails_with_one_line(tmp_path: Path) -> None:
+    """A missing checkpoint is exit code 2 with one line saying what to fix."""
+    out = subprocess.run(
+        [RAWCAST, "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "checkpoint directory" in out.stderr
 
 
 def test_no_command_prints_help() -> None:

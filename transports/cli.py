@@ -1,8 +1,14 @@
-"""The ``rawcast`` command line. The only place that reads argv and the environment."""
+"""The ``rawcast`` command line. The only place that reads argv and the environment.
+
+Each command lives in its own module with ``register(subparsers)``, which adds a
+subparser and sets ``func`` (args -> exit code); this file only collects them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -13,12 +19,77 @@ from rawcast.pipeline.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
+# Modules that add commands; a module that is missing from this build is skipped.
+COMMAND_MODULES = (
+    "rawcast.transports.cli",
+    "rawcast.transports.stream",
+    "rawcast.model.recipe.commands",
+)
+
 
 def _version() -> str:
     try:
         return version("rawcast")
     except PackageNotFoundError:  # running from a source tree without install
         return "0+unknown"
+
+
+def _env_list(name: str) -> list[str]:
+    return [x for x in os.environ.get(name, "").split(",") if x]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP/WebSocket/WebRTC server")
+    serve.add_argument("--host", default=os.environ.get("RAWCAST_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("RAWCAST_PORT", "8000")))
+    serve.add_argument(
+        "--model", default=os.environ.get("RAWCAST_MODEL", "rawcast-tiny"),
+        help="checkpoint directory or bundled model name (default: rawcast-tiny)",
+    )  # fmt: skip
+    serve.add_argument("--device", default=os.environ.get("RAWCAST_DEVICE", "cpu"))
+    serve.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    serve.add_argument("--max-sessions", type=int, default=8)
+    serve.add_argument(
+        "--api-key", action="append", default=_env_list("RAWCAST_API_KEYS"),
+        help="accepted Bearer key (repeatable; env RAWCAST_API_KEYS, comma-separated)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--allowed-origin", action="append", default=_env_list("RAWCAST_ALLOWED_ORIGINS"),
+        help="browser origin allowed besides same-origin (repeatable; '*' allows any)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--ice-server", action="append", default=_env_list("RAWCAST_ICE_SERVERS"),
+        help="stun:/turn: URL advertised to WebRTC clients (repeatable)",
+    )  # fmt: skip
+    serve.add_argument("--turn-username", default=os.environ.get("RAWCAST_TURN_USERNAME"))
+    serve.add_argument("--turn-credential", default=os.environ.get("RAWCAST_TURN_CREDENTIAL"))
+    serve.add_argument("--max-sessions-per-key", type=int, default=0)
+    serve.add_argument("--drain-timeout", type=float, default=30.0)
+    serve.add_argument("--no-vad", action="store_true", help="segment on commit only")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rawcast.transports.server import run_server
+    from rawcast.transports.settings import ServerSettings
+
+    settings = ServerSettings(
+        host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
+        max_sessions=args.max_sessions, api_keys=tuple(args.api_key),
+        allowed_origins=tuple(args.allowed_origin), ice_servers=tuple(args.ice_server),
+        turn_username=args.turn_username, turn_credential=args.turn_credential,
+        max_sessions_per_key=args.max_sessions_per_key, drain_timeout_s=args.drain_timeout,
+        vad=not args.no_vad,
+    )  # fmt: skip
+    from rawcast.model.loader import CheckpointError, resolve
+
+    try:
+        resolve(settings.model)
+    except CheckpointError as e:
+        print(f"rawcast serve: {e}", file=sys.stderr)
+        return 2
+    run_server(settings)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,18 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    serve = sub.add_parser("serve", help="run the HTTP/WebSocket/WebRTC server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        reg = getattr(mod, "register", None)
+        if reg is not None:
+            reg(sub)
     return parser
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from rawcast.transports.server import run_server
-
-    run_server(host=args.host, port=args.port)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level, args.log_format)
-    handlers = {"serve": _serve}
-    return handlers[args.command](args)
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,32 +1,21 @@
-"""The HTTP server: one ASGI app on one port.
-
-For now it serves health and readiness only; the realtime WebSocket, WebRTC and
-browser page mount here as the transports land.
-"""
+"""Run the app under uvicorn (websockets implementation) on one port."""
 
 from __future__ import annotations
 
 import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+
+from rawcast.transports.app import create_app
+from rawcast.transports.settings import ServerSettings
 
 
-async def healthz(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok"})
-
-
-async def readyz(request: Request) -> JSONResponse:
-    ready = bool(getattr(request.app.state, "ready", True))
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
-
-
-def create_app() -> Starlette:
-    app = Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)])
-    app.state.ready = True
-    return app
-
-
-def run_server(host: str, port: int) -> None:
-    uvicorn.run(create_app(), host=host, port=port, ws="websockets", log_config=None)
+def run_server(settings: ServerSettings) -> None:
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets",
+        log_config=None,
+        ws_max_size=settings.max_message_bytes,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+    )

@@ -1,0 +1,25 @@
+"""Server settings: one frozen dataclass, filled by the CLI from flags and environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "rawcast-tiny"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    max_sessions: int = 8
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    allowed_origins: tuple[str, ...] = ()  # browsers from other origins; "*" allows any
+    max_message_bytes: int = 16 * 1024 * 1024  # a base64 append of 15 MiB PCM fits
+    max_sessions_per_key: int = 0  # 0: no per-key limit
+    ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs advertised to WebRTC clients
+    turn_username: str | None = None
+    turn_credential: str | None = None
+    drain_timeout_s: float = 30.0
+    vad: bool = True
+    extra: dict[str, str] = field(default_factory=dict)

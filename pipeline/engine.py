@@ -33,7 +33,7 @@ from rawcast.model.prompt import PromptFormat
 from rawcast.model.tokenizer import Tokenizer
 from rawcast.pipeline.media import ClosedEvent, ErrorEvent, Event
 from rawcast.pipeline.session import Session, SessionConfig, Tasks
-from rawcast.pipeline.vad import SileroModel
+from rawcast.pipeline.vad import SileroModel, Vad, VadConfig
 
 log = structlog.get_logger(__name__)
 
@@ -253,6 +253,21 @@ class SessionHandle:
 
     def commit(self) -> None:
         self._send(lambda s: s.commit())
+
+    def clear(self) -> None:
+        """Drop audio that has not produced text yet (OpenAI ``input_audio_buffer.clear``)."""
+        self._send(lambda s: s.clear())
+
+    def set_vad(self, config: VadConfig | None) -> None:
+        """Turn server-side voice activity detection on (with these settings) or off."""
+        vad_model = self.engine.core.vad_model
+
+        def apply(s: Session) -> None:
+            if config is not None and vad_model is None:
+                raise RuntimeError("this server runs without a VAD model")
+            s.set_vad(Vad(vad_model, config) if config is not None and vad_model else None)
+
+        self._send(apply)
 
     def flush(self) -> None:
         self._send(lambda s: s.flush())

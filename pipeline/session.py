@@ -241,6 +241,24 @@ class Session:
     def configure(self, tasks: Tasks) -> None:
         self.tasks = tasks
 
+    def set_vad(self, vad: Vad | None) -> None:
+        """Switch voice activity detection on (a ``Vad``) or off (segments end on commit)."""
+        self.vad = vad
+
+    def clear(self) -> None:
+        """Discard audio not yet decoded (queued frames and the open segment's audio).
+
+        Frames already appended to the cache are dropped with the segment: the slot is
+        reset before the next media, no final text is produced for the cleared audio.
+        """
+        kept: deque[Item] = deque(i for i in self.items if isinstance(i, ImageItem | CloseItem))
+        self.items = kept
+        self.items.appendleft(EndSegmentItem())
+        self._in_segment = False
+        self._preroll.clear()
+        if self.vad is not None:
+            self.vad.reset()
+
     def request_close(self, reason: str = "closed") -> None:
         self.items.append(CloseItem(reason))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,27 @@ def load_engine(settings: ServerSettings, metrics: Metrics) -> tuple[Engine, str
     return Engine(model, config, vad_model=vad, observer=metrics), settings.model
 
 
+ROUTE_MODULES = (
+    "rawcast.transports.realtime",
+    "rawcast.transports.webrtc",
+    "rawcast.transports.page",
+)
+
+
+def transport_routes() -> list[BaseRoute]:
+    """Routes of every transport module in this build (each has ``routes()``)."""
+    out: list[BaseRoute] = []
+    for name in ROUTE_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        out += mod.routes()
+    return out
+
+
 def create_app(
     settings: ServerSettings | None = None,
     engine: Engine | None = None,
@@ -143,6 +165,7 @@ def create_app(
         Route("/readyz", readyz),
         Route("/metrics", metrics),
     ]
+    routes += transport_routes()
     if extra_routes is not None:
         routes += extra_routes()
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -324,7 +324,10 @@ def _first(v: Any, default: int) -> int:
 
 
 def _pattern(n_layers: int, every: int = 6) -> tuple[str, ...]:
-    return tuple(SLIDING if (i + 1) % every else FULL for i in range(n_layers))
+    """Gemma's 5:1 sliding:full pattern; the last layer is always full (as transformers forces)."""
+    kinds = [SLIDING if (i + 1) % every else FULL for i in range(n_layers)]
+    kinds[-1] = FULL
+    return tuple(kinds)
 
 
 def preset(name: str) -> ModelConfig:

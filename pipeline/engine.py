@@ -121,6 +121,11 @@ class EngineCore:
                 f"max_segment_s {config.max_segment_s} exceeds the engine's "
                 f"{self.config.max_segment_s}"
             )
+        if config.max_soft_tokens > self.config.max_image_tokens:
+            raise ValueError(
+                f"max_soft_tokens {config.max_soft_tokens} exceeds the engine's "
+                f"max_image_tokens {self.config.max_image_tokens}"
+            )
         if not self.free_slots:
             raise SessionLimitError(
                 f"all {self.config.max_sessions} session slots are in use; try again later"

@@ -339,8 +339,15 @@ class Session:
             return self._branch_rows()
         while self.items:
             head = self.items[0]
+            if isinstance(head, FrameItem | ImageItem) and not self._room_for(head, cache):
+                # The slot is full (a long segment with many images): cut the segment here,
+                # decode its final text, and continue the media in a fresh segment.
+                self.items.extendleft(
+                    [EndSegmentItem(), DecodeItem(final=True, sample=self._segment_end)]
+                )
+                continue
             if isinstance(head, FrameItem):
-                return [self._frames_row(max_frames)]
+                return [self._frames_row(max_frames, cache)]
             if isinstance(head, ImageItem):
                 self.items.popleft()
                 return [self._image_row(head.grid)]
@@ -358,14 +365,24 @@ class Session:
             return []
         return []
 
+    def _room_for(self, head: Item, cache: KVCache) -> bool:
+        if not self.cache_open:
+            return True  # a fresh segment always takes one item
+        need = 1 if isinstance(head, FrameItem) else 0
+        if isinstance(head, ImageItem):
+            need = len(self.fmt.image_block(head.grid.num_cells))
+        return cache.length(self.slot) + need <= cache.full_capacity
+
     def _prefix(self) -> list[int]:
         if self.cache_open:
             return []
         self.cache_open = True
         return self.fmt.stream_prefix()
 
-    def _frames_row(self, max_frames: int) -> Append:
+    def _frames_row(self, max_frames: int, cache: KVCache) -> Append:
         frames: list[AudioFrame] = []
+        room = cache.full_capacity - cache.length(self.slot) - len(self.fmt.stream_prefix())
+        max_frames = max(1, min(max_frames, room))
         while self.items and isinstance(self.items[0], FrameItem) and len(frames) < max_frames:
             item = self.items.popleft()
             assert isinstance(item, FrameItem)

@@ -214,3 +214,25 @@ def test_vad_model_keeps_torch_threads() -> None:
     before = torch.get_num_threads()
     SileroModel()
     assert torch.get_num_threads() == before
+
+
+def test_a_long_segment_with_many_images_is_cut_not_failed(model: Gemma4Unified) -> None:
+    """When images fill a segment's slot, the segment is cut and decoded; nothing fails."""
+    core = EngineCore(model, EngineConfig(max_sessions=1, max_segment_s=4.0, max_image_tokens=70))
+    cfg = SessionConfig(
+        tasks=Tasks(transcribe=True, caption=True), vad=None, max_segment_s=4.0,
+        caption_interval_s=0.2, max_soft_tokens=70, max_new_tokens=3, decode_interval_ms=2000,
+    )  # fmt: skip
+    s = core.open(cfg)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    for i in range(20):  # 4 s of audio with a picked camera frame every 0.2 s
+        s.push_audio((0.05 * rng.standard_normal(3200)).astype(np.float32), 16000)
+        s.push_image(image, i * 0.2)
+        core.run_until_idle()
+        assert core.cache.length(s.slot) <= core.cache.full_capacity
+    s.flush()
+    core.run_until_idle()
+    assert not [e for e in s.outbox if isinstance(e, ErrorEvent)]
+    finals = [e for e in s.outbox if isinstance(e, TextEvent) and e.task == "transcribe"]
+    assert len(finals) >= 2  # the slot filled up and the segment was cut at least once

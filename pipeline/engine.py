@@ -289,7 +289,7 @@ class SessionHandle:
 
             self._send(finish)
         else:
-            self.engine._submit(self.id, lambda s: s.request_close("aborted"), front=True)
+            self.engine._submit(self.id, lambda s: s.abort())
         self.closed = True
 
     async def events(self) -> AsyncIterator[Event]:
@@ -312,7 +312,7 @@ class Engine:
         observer: Observer | None = None,
     ) -> None:
         self.core = EngineCore(model, config, vad_model, observer=observer)
-        self._commands: queue.SimpleQueue[tuple[str, Callable[[Session], Any], bool]] = (
+        self._commands: queue.SimpleQueue[tuple[str, Callable[[Session], Any]]] = (
             queue.SimpleQueue()
         )
         self._wake = threading.Event()
@@ -364,7 +364,7 @@ class Engine:
                 self._handles[s.id] = h
             loop.call_soon_threadsafe(_set_result, fut, h)
 
-        self._commands.put(("", lambda _s: do(), False))
+        self._commands.put(("", lambda _s: do()))
         self._wake.set()
         return await fut
 
@@ -375,14 +375,14 @@ class Engine:
             with self._lock:
                 self._handles.pop(h.id, None)
 
-    def _submit(self, sid: str, fn: Callable[[Session], Any], front: bool = False) -> None:
-        self._commands.put((sid, fn, front))
+    def _submit(self, sid: str, fn: Callable[[Session], Any]) -> None:
+        self._commands.put((sid, fn))
         self._wake.set()
 
     def _apply_commands(self) -> None:
         while True:
             try:
-                sid, fn, _front = self._commands.get_nowait()
+                sid, fn = self._commands.get_nowait()
             except queue.Empty:
                 return
             if not sid:

@@ -262,6 +262,12 @@ class Session:
     def request_close(self, reason: str = "closed") -> None:
         self.items.append(CloseItem(reason))
 
+    def abort(self) -> None:
+        """Close without finishing: queued media is dropped, a decode in flight ends first."""
+        self.items.clear()
+        self._in_segment = False
+        self.items.append(CloseItem("aborted"))
+
     def _on_frame(self, f: AudioFrame) -> None:
         self.frames_in += 1
         self._last_sample = f.sample_offset + FRAME_SAMPLES

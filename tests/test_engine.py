@@ -236,3 +236,16 @@ def test_a_long_segment_with_many_images_is_cut_not_failed(model: Gemma4Unified)
     assert not [e for e in s.outbox if isinstance(e, ErrorEvent)]
     finals = [e for e in s.outbox if isinstance(e, TextEvent) and e.task == "transcribe"]
     assert len(finals) >= 2  # the slot filled up and the segment was cut at least once
+
+
+def test_abort_frees_the_slot_without_processing_the_backlog(model: Gemma4Unified) -> None:
+    """An aborted session drops its queued media and is closed within a tick or two."""
+    core = EngineCore(model, EngineConfig(max_sessions=1))
+    s = core.open(SessionConfig(vad=None, max_segment_s=10.0))
+    s.push_audio(0.05 * np.ones(16000 * 60, np.float32), 16000)  # a minute of backlog
+    core.step()
+    s.abort()
+    ticks = core.run_until_idle()
+    assert s.closed and ticks <= 2
+    assert not [e for e in s.outbox if isinstance(e, TextEvent)]
+    assert core.open(SessionConfig(vad=None)).slot == s.slot

@@ -241,12 +241,24 @@ class Packed:
     bases: torch.Tensor | None = None  # (B,) position of each branch's first token
 
 
-def _rows(buf: torch.Tensor, p: Packed) -> torch.Tensor:
-    """The cache rows of the step's slots: a view when they are contiguous, else a gather."""
+def _rows(buf: torch.Tensor, p: Packed, length: int, dim: int) -> torch.Tensor:
+    """The cache rows of the step's slots, first ``length`` entries along ``dim``.
+
+    A view when the slots are contiguous, else a gather.
+    """
     first = p.slot_list[0]
     if p.slot_list == list(range(first, first + len(p.slot_list))):
-        return buf.narrow(0, first, len(p.slot_list))
-    return buf.index_select(0, p.slots)
+        return buf.narrow(0, first, len(p.slot_list)).narrow(dim, 0, length)
+    return buf.index_select(0, p.slots).narrow(dim, 0, length)
+
+
+def _kv_bucket(n: int, full: int) -> int:
+    """Entries of a buffer worth attending to: a power-of-two bucket >= n, at most ``full``.
+
+    Entries past a slot's length are empty, so attention need not read them; a
+    handful of bucket sizes keeps the shapes static for compilers and CUDA graphs.
+    """
+    return min(full, max(64, 1 << max(0, math.ceil(math.log2(max(1, n))))))
 
 
 def bucket(n: int) -> int:
@@ -411,8 +423,18 @@ class Gemma4Unified(nn.Module):
             x = x.masked_scatter(m.unsqueeze(-1), self.audio(p.audio).to(x.dtype))
         return x
 
+    def _kv_lengths(self, p: Packed, cache: KVCache) -> dict[bool | None, int]:
+        """How much of each buffer kind (sliding, full, branch: None) this step reads."""
+        longest = max(cache.length(s) for s in p.slot_list)
+        out: dict[bool | None, int] = {}
+        for sliding, cap in ((True, cache.sliding_capacity), (False, cache.full_capacity)):
+            out[sliding] = cap + 1 if longest >= cap else _kv_bucket(longest, cap + 1)
+        branch = max((cache.branch_length(b) for b in p.branch_list if b is not None), default=0)
+        out[None] = _kv_bucket(branch, cache.spec.branch_room + 1)
+        return out
+
     def _masks(
-        self, p: Packed, cache: KVCache | None
+        self, p: Packed, cache: KVCache | None, kv_len: dict[bool | None, int] | None = None
     ) -> tuple[dict[bool, torch.Tensor], dict[bool, torch.Tensor]]:
         """Boolean masks (B, 1, T, K) per layer kind (key: sliding?) and cached positions."""
         t = self.cfg.text
@@ -428,9 +450,12 @@ class Gemma4Unified(nn.Module):
         for sliding in (True, False):
             new_pos = torch.where(p.valid, q_pos, torch.full_like(q_pos, -1))
             if cache is not None:
-                past = _rows(cache.pos_sliding if sliding else cache.pos_full, p)
+                kv_len = kv_len if kv_len is not None else self._kv_lengths(p, cache)
+                table = cache.pos_sliding if sliding else cache.pos_full
+                past = _rows(table, p, kv_len[sliding], 1)
                 if p.branches is not None:
-                    past = torch.cat([past, cache.pos_branch.index_select(0, p.branches)], dim=1)
+                    bpos = cache.pos_branch.index_select(0, p.branches)[:, : kv_len[None]]
+                    past = torch.cat([past, bpos], dim=1)
                 kv_pos = torch.cat([past, new_pos], dim=1)
                 kv_blocks = torch.cat([torch.full_like(past, -1), blocks], dim=1)
                 past_pos[sliding] = past
@@ -453,7 +478,8 @@ class Gemma4Unified(nn.Module):
         """Run one ragged step; returns logits (B, V) at each row's last token, or (B, T, V)."""
         t = self.cfg.text
         x = self.embed(p)
-        masks, _ = self._masks(p, cache)
+        kv_len = self._kv_lengths(p, cache) if cache is not None else {}
+        masks, _ = self._masks(p, cache, kv_len)
         rope = {
             True: rope_cos_sin(p.positions, self.inv_freq_sliding, x.dtype),
             False: rope_cos_sin(p.positions, self.inv_freq_full, x.dtype),
@@ -479,10 +505,12 @@ class Gemma4Unified(nn.Module):
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.project(h, *rope[sliding])
             if cache is not None:
-                ks, vs = [_rows(cache.k[i], p)], [_rows(cache.v[i], p)]
+                n = kv_len[sliding]
+                ks, vs = [_rows(cache.k[i], p, n, 2)], [_rows(cache.v[i], p, n, 2)]
                 if p.branches is not None:
-                    ks.append(cache.kb[i].index_select(0, p.branches))
-                    vs.append(cache.vb[i].index_select(0, p.branches))
+                    nb = kv_len[None]
+                    ks.append(cache.kb[i].index_select(0, p.branches)[:, :, :nb])
+                    vs.append(cache.vb[i].index_select(0, p.branches)[:, :, :nb])
                 kk = torch.cat([*ks, k.to(cache.dtype)], dim=2)
                 vv = torch.cat([*vs, v.to(cache.dtype)], dim=2)
             else:

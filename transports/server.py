@@ -56,7 +56,7 @@ def run_server(settings: ServerSettings) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets",
+        ws="websockets-sansio",
         log_config=None,
         ws_max_size=settings.max_message_bytes,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),

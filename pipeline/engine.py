@@ -54,6 +54,12 @@ class Observer:
     def error(self, kind: str) -> None:
         pass
 
+    def dropped(self, kind: str, n: int) -> None:
+        """Media dropped by an explicit policy: ``audio`` (engine behind) or ``video``."""
+
+    def lagging(self, sessions: int) -> None:
+        """Sessions with more than a second of audio waiting for the engine."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -135,6 +141,7 @@ class EngineCore:
         self.cache.reset(slot)
         s = Session(slot, buffers, config, self.tok, self.vad_model, emit, session_id)
         s.on_latency = self.observer.event_latency
+        s.on_drop = self.observer.dropped
         self.sessions[s.id] = s
         log.info("session.opened", session_id=s.id, slot=slot)
         return s
@@ -187,6 +194,9 @@ class EngineCore:
         t0 = time.perf_counter()
         tokens = self._forward(rows, owners)
         self.observer.tick(len(rows), time.perf_counter() - t0)
+        if self.ticks % 25 == 0:
+            lag = sum(s.pending_frames() > 25 for s in self.sessions.values())
+            self.observer.lagging(lag)
         for r, s, tok in zip(rows, owners, tokens, strict=True):
             if s.closed or tok is None or r.branch is None:
                 continue

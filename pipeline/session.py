@@ -175,6 +175,7 @@ class Session:
         self.tok = tokenizer
         self.fmt = PromptFormat(tokenizer)
         self.on_latency: Callable[[str, float], None] = lambda task, seconds: None
+        self.on_drop: Callable[[str, int], None] = lambda kind, n: None  # "audio" | "video"
         self.outbox: list[Event] = []  # events, when no ``emit`` callback is given
         self.emit = emit if emit is not None else self.outbox.append
         self.framer = AudioFramer()
@@ -219,7 +220,10 @@ class Session:
     def push_image(self, image: Any, time: float) -> None:
         if not self.tasks.caption:
             return
+        before = self.sampler.frames_dropped
         grid = self.sampler.push(image, time)
+        if self.sampler.frames_dropped > before:
+            self.on_drop("video", self.sampler.frames_dropped - before)
         if grid is not None:
             self.items.append(ImageItem(grid))
             self.items.append(DecodeItem(final=True, caption=True, sample=_sample(time)))
@@ -331,10 +335,14 @@ class Session:
         dropped = pending - limit
         self.items = kept
         self.frames_dropped += dropped
+        self.on_drop("audio", dropped)
         log.warning("audio.dropped", session_id=self.id, frames=dropped, reason="engine behind")
         self.emit(ErrorEvent("overloaded", f"engine behind: dropped {dropped * 40} ms of audio"))
 
     # --- engine side: rows for this tick, and their results -------------------------------
+
+    def pending_frames(self) -> int:
+        return sum(isinstance(i, FrameItem) for i in self.items)
 
     def has_work(self) -> bool:
         return bool(self.branches) or bool(self.items)

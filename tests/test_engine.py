@@ -249,3 +249,30 @@ def test_abort_frees_the_slot_without_processing_the_backlog(model: Gemma4Unifie
     assert s.closed and ticks <= 2
     assert not [e for e in s.outbox if isinstance(e, TextEvent)]
     assert core.open(SessionConfig(vad=None)).slot == s.slot
+
+
+def test_dropped_media_is_reported_to_the_observer(model: Gemma4Unified) -> None:
+    """Frames dropped by policy (video cadence, audio backlog) reach the metrics hooks."""
+    from rawcast.pipeline.engine import Observer
+
+    class Counting(Observer):
+        def __init__(self) -> None:
+            self.counts: dict[str, int] = {"audio": 0, "video": 0}
+
+        def dropped(self, kind: str, n: int) -> None:
+            self.counts[kind] += n
+
+    obs = Counting()
+    core = EngineCore(model, EngineConfig(max_sessions=1, max_image_tokens=70), observer=obs)
+    cfg = SessionConfig(
+        tasks=Tasks(caption=True), vad=None, max_pending_s=1.0, max_soft_tokens=70,
+        caption_interval_s=2.0,
+    )  # fmt: skip
+    s = core.open(cfg)
+    image = np.zeros((48, 48, 3), np.uint8)
+    for i in range(30):  # 1 s of 30 fps video: one picked, 29 dropped
+        s.push_image(image, i / 30)
+    s.push_audio(np.zeros(16000 * 3, np.float32), 16000)  # 3 s queued, 1 s allowed
+    assert obs.counts["video"] == 29
+    assert obs.counts["audio"] == 50  # 2 s of 40 ms frames
+    assert any(isinstance(e, ErrorEvent) and e.code == "overloaded" for e in s.outbox)

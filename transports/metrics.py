@@ -31,7 +31,9 @@ class Metrics(Observer):
         self.dropped_audio = Counter(
             "rawcast_dropped_audio_frames_total", "Audio frames dropped (engine behind)", registry=r
         )
-        self.lagging = Gauge("rawcast_lagging_sessions", "Sessions with audio queued", registry=r)
+        self.lagging_sessions = Gauge(
+            "rawcast_lagging_sessions", "Sessions with over 1 s of audio queued", registry=r
+        )
         self.errors = Counter("rawcast_errors_total", "Errors by kind", ["kind"], registry=r)
 
     def tick(self, rows: int, seconds: float) -> None:
@@ -43,3 +45,9 @@ class Metrics(Observer):
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()
+
+    def dropped(self, kind: str, n: int) -> None:
+        (self.dropped_video if kind == "video" else self.dropped_audio).inc(n)
+
+    def lagging(self, sessions: int) -> None:
+        self.lagging_sessions.set(sessions)

@@ -414,6 +414,7 @@ class Call:
                 continue
             if self._last_video is not None and now - self._last_video < VIDEO_MIN_INTERVAL_S:
                 self.video_dropped += 1
+                self.st.metrics.dropped("video", 1)
                 continue
             self._last_video = now
             self.video_forwarded += 1

@@ -37,11 +37,9 @@ from rawcast.model.tokenizer import Tokenizer
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    xf = x.float()
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        y = y * weight.float()
-    return y.type_as(x)
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (w used as is, no 1 + w)."""
+    w = weight.float() if weight is not None else None
+    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).type_as(x)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

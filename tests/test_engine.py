@@ -279,3 +279,32 @@ def test_dropped_media_is_reported_to_the_observer(model: Gemma4Unified) -> None
     assert obs.counts["video"] == 29
     assert obs.counts["audio"] == 50  # 2 s of 40 ms frames
     assert any(isinstance(e, ErrorEvent) and e.code == "overloaded" for e in s.outbox)
+
+
+def test_streaming_equals_offline_with_the_bundled_model(vad: SileroModel) -> None:
+    """The same invariant with the trained rawcast-tiny (skipped if it is not bundled)."""
+    from rawcast.model.loader import BUNDLED_DIR, load
+
+    if not (BUNDLED_DIR / "rawcast-tiny" / "config.json").exists():
+        pytest.skip("rawcast-tiny is not bundled in this checkout")
+    trained = load("rawcast-tiny")
+    audio = _clip()
+    offline = EngineCore(trained, vad_model=vad)
+    s = offline.open(CFG)
+    s.push_audio(audio, 16000)
+    s.flush()
+    offline.run_until_idle()
+    want = _finals(s.outbox)
+    assert len(want) == 4
+    live = EngineCore(trained, vad_model=vad)
+    t = live.open(CFG)
+    rng = random.Random(5)
+    i = 0
+    while i < audio.size:
+        n = rng.randint(1, 12000)
+        t.push_audio(audio[i : i + n], 16000)
+        i += n
+        live.step()
+    t.flush()
+    live.run_until_idle()
+    assert _finals(t.outbox) == want

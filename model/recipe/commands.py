@@ -1,0 +1,133 @@
+"""What ``rawcast train`` and ``rawcast eval`` do; the CLI parses argv and calls these.
+
+``train_command`` regenerates the data (shards that exist are kept: generation is
+deterministic), trains or resumes, and exports the checkpoint. ``eval_command``
+loads a checkpoint and reports WER, chrF and caption accuracy on held-out data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = Path("data/rawcast-tiny")
+DEFAULT_RUN = Path("runs/rawcast-tiny")
+
+
+def default_out() -> Path:
+    from rawcast.model.loader import BUNDLED_DIR
+
+    return BUNDLED_DIR / "rawcast-tiny"
+
+
+def train_command(
+    data_dir: Path = DEFAULT_DATA,
+    run_dir: Path = DEFAULT_RUN,
+    out_dir: Path | None = None,
+    seed: int = 1234,
+    train_clips: int = 10_500,
+    workers: int = 2,
+    steps: int = 8000,
+    batch: int = 16,
+    max_minutes: float = 100.0,
+    threads: int = 0,
+    log: Any = print,
+) -> Path:
+    from rawcast.model.recipe import data as D
+    from rawcast.model.recipe import train as T
+
+    dcfg = D.DataConfig(seed=seed, train_clips=train_clips)
+    log(f"data: generating missing shards under {data_dir} (seed {seed}, {train_clips} clips)")
+    paths = D.generate(data_dir, dcfg, workers=workers, progress=lambda n: log(f"  made {n}"))
+    log(f"data: {len(paths)} shards, content hash {D.content_hash(paths[:1])[:16]} (first shard)")
+    cfg = T.TrainConfig(
+        steps=steps, batch=batch, max_minutes=max_minutes, seed=seed, threads=threads
+    )
+    out = out_dir if out_dir is not None else default_out()
+    T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
+    log(f"exported {out}")
+    return out
+
+
+def eval_command(
+    model_name: str = "rawcast-tiny",
+    data_dir: Path = DEFAULT_DATA,
+    max_clips: int | None = None,
+    n_scenes: int = 100,
+    seed: int = 1234,
+    json_out: Path | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    from rawcast.model.loader import load
+    from rawcast.model.recipe import data as D
+    from rawcast.model.recipe.evaluate import evaluate, summary
+
+    if not D.shards(data_dir, "eval"):
+        log(f"data: generating the held-out data under {data_dir}")
+        D.generate(data_dir, D.DataConfig(seed=seed), splits=("eval",), progress=log)
+    model = load(model_name)
+    result = evaluate(model, data_dir, seed=seed, max_clips=max_clips, n_scenes=n_scenes)
+    log(summary(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``train`` and ``eval`` to the ``rawcast`` command line."""
+    train = sub.add_parser(
+        "train", help="generate the data and train rawcast-tiny (resumable; CUDA when present)"
+    )
+    train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    train.add_argument("--run-dir", type=Path, default=DEFAULT_RUN)
+    train.add_argument("--out", type=Path, default=None, help="default: the bundled rawcast-tiny")
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--train-clips", type=int, default=10_500)
+    train.add_argument("--workers", type=int, default=2, help="data generation processes")
+    train.add_argument("--steps", type=int, default=8000)
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--max-minutes", type=float, default=100.0)
+    train.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: default; 1 on a busy CPU)"
+    )
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="WER, chrF and caption accuracy on held-out data")
+    ev.add_argument("--model", default="rawcast-tiny", help="bundled name or checkpoint dir")
+    ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ev.add_argument("--max-clips", type=int, default=None)
+    ev.add_argument("--scenes", type=int, default=100)
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--json", type=Path, default=None, help="write the full result here")
+    ev.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    train_command(
+        data_dir=args.data_dir,
+        run_dir=args.run_dir,
+        out_dir=args.out,
+        seed=args.seed,
+        train_clips=args.train_clips,
+        workers=args.workers,
+        steps=args.steps,
+        batch=args.batch,
+        max_minutes=args.max_minutes,
+        threads=args.threads,
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    eval_command(
+        model_name=args.model,
+        data_dir=args.data_dir,
+        max_clips=args.max_clips,
+        n_scenes=args.scenes,
+        seed=args.seed,
+        json_out=args.json,
+    )
+    return 0

@@ -1,0 +1,497 @@
+"""Training rawcast-tiny: examples in the streaming prompt format, one loop, resumable.
+
+Design decisions:
+
+- Every example is laid out exactly as the engine will see it (``PromptFormat``):
+  ``stream_prefix`` + audio placeholders (+ an image block) + ``branch(task)`` +
+  target + ``<turn|>``; the loss covers the target and the closing ``<turn|>`` only.
+- Tasks: transcribe (a share on audio cut mid-utterance, whose target is the words
+  fully spoken before the cut), translate into Spanish, caption a rendered scene.
+- Training tricks that leave the shipped architecture unchanged: the 640 -> hidden
+  audio projection starts as a Hann-windowed Fourier basis on a mel-like frequency
+  grid, and the first MLP as the band energies of it (a spectrogram at init); an
+  auxiliary character CTC loss on the audio positions of a middle layer, through
+  a head that exists only during training.
+- The training forward (``hidden_states``) is the backbone's own ``forward_packed``
+  without a cache, restated to expose a middle layer and to project only the
+  positions that carry a loss (tests check it equals ``forward_packed``).
+- Resumable: ``state.pt`` holds model, CTC head, optimizer and step; batches are a
+  pure function of (seed, step), so a resumed run sees the batches it would have
+  seen. The shipped checkpoint is exported every ``export_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rawcast.model.gemma4 import Append, DecoderLayer, Gemma4Unified, Packed, rope_cos_sin, softcap
+from rawcast.model.prompt import PromptFormat
+from rawcast.model.recipe import data as D
+from rawcast.model.recipe import scenes
+from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
+from rawcast.model.tokenizer import Tokenizer
+
+FRAME = 640
+RATE = 16_000
+LANGUAGE = "Spanish"
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC labels 1..28; 0 is the blank
+
+
+def ctc_labels(text: str) -> list[int]:
+    return [CTC_CHARS.index(c) + 1 for c in text if c in CTC_CHARS]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch: int = 16
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ctc_weight: float = 1.0
+    ctc_layer: int = 2
+    task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # transcribe, translate, caption
+    truncate_share: float = 0.3
+    layers: int = 4
+    hidden: int = 256
+    intermediate: int = 512
+    export_every: int = 200
+    max_minutes: float = 115.0
+    seed: int = 1234
+    threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    loss_from: int  # index of the first target token in ``tokens``
+    audio: npt.NDArray[np.float32] | None = None  # (n, 640)
+    image: tuple[torch.Tensor, torch.Tensor] | None = None
+    ctc: list[int] = field(default_factory=list)
+    task: str = "transcribe"
+
+
+def frames(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Zero-pad to a multiple of 640 samples and reshape to (n, 640)."""
+    pad = (-audio.size) % FRAME
+    return np.pad(audio, (0, pad)).reshape(-1, FRAME).astype(np.float32)
+
+
+def speech_example(
+    fmt: PromptFormat, audio: npt.NDArray[np.float32], target: str, task: str
+) -> Example:
+    tok = fmt.tok
+    fr = frames(audio)
+    head = [*fmt.stream_prefix(), *([tok.ids.audio] * fr.shape[0])]
+    head += fmt.branch(task, LANGUAGE if task == "translate" else None)
+    body = tok.encode(target) if target else []
+    return Example(
+        tokens=[*head, *body, tok.turn_close],
+        loss_from=len(head),
+        audio=fr,
+        ctc=ctc_labels(target) if task == "transcribe" else [],
+        task=task,
+    )
+
+
+def truncated(
+    audio: npt.NDArray[np.float32], text: str, ends: Sequence[int], rng: np.random.Generator
+) -> tuple[npt.NDArray[np.float32], str]:
+    """Audio cut at a random point and the words fully spoken before the cut."""
+    words = text.split()
+    lo = max(FRAME, int(ends[0] * 0.6)) if ends else FRAME
+    cut = int(rng.integers(lo, max(lo + 1, audio.size)))
+    kept = [w for w, e in zip(words, ends, strict=False) if e <= cut - 800]
+    return audio[:cut], " ".join(kept)
+
+
+def caption_example(fmt: PromptFormat, seed: int, index: int, rng: np.random.Generator) -> Example:
+    from rawcast.pipeline.vision import patch_image
+
+    img, cap = scenes.scene(seed, index)
+    grid = patch_image(img, max_soft_tokens=70)
+    tok = fmt.tok
+    n_after = int(rng.integers(0, 20)) if rng.random() < 0.5 else 0
+    noise = (rng.standard_normal(n_after * FRAME) * 10 ** rng.uniform(-4, -2)).astype(np.float32)
+    head = [*fmt.stream_prefix(), *fmt.image_block(grid.num_cells)]
+    head += [tok.ids.audio] * n_after + fmt.branch("caption")
+    body = tok.encode(cap)
+    cells = torch.from_numpy(grid.cells)
+    pos = torch.from_numpy(grid.positions)
+    return Example(
+        tokens=[*head, *body, tok.turn_close],
+        loss_from=len(head),
+        audio=frames(noise) if n_after else None,
+        image=(cells, pos),
+        task="caption",
+    )
+
+
+class Corpus:
+    """Training shards in memory, sampled by a (seed, step) generator."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.shards: list[D.Shard] = []
+        self.names: list[str] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        for p in D.shards(self.root, "train"):
+            if p.name not in self.names:
+                self.shards.append(D.load_shard(p))
+                self.names.append(p.name)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def sample(self, rng: np.random.Generator, grammar_only: bool = False) -> tuple[D.Shard, int]:
+        while True:
+            s = self.shards[int(rng.integers(len(self.shards)))]
+            i = int(rng.integers(len(s)))
+            if not grammar_only or s.meta[i]["source"] == "grammar" or rng.random() < 0.25:
+                return s, i
+
+
+def make_batch(fmt: PromptFormat, corpus: Corpus, cfg: TrainConfig, step: int) -> list[Example]:
+    rng = np.random.default_rng([cfg.seed, 7, step])
+    out: list[Example] = []
+    for b in range(cfg.batch):
+        task = ("transcribe", "translate", "caption")[int(rng.choice(3, p=cfg.task_mix))]
+        if task == "caption":
+            out.append(caption_example(fmt, cfg.seed, step * cfg.batch + b, rng))
+            continue
+        shard, i = corpus.sample(rng, grammar_only=task == "translate")
+        audio = shard.clip_audio(i)
+        meta = shard.meta[i]
+        if task == "translate":
+            out.append(speech_example(fmt, audio, meta["es"], task))
+        elif rng.random() < cfg.truncate_share:
+            a, t = truncated(audio, meta["text"], shard.clip_ends(i), rng)
+            out.append(speech_example(fmt, a, t, task))
+        else:
+            out.append(speech_example(fmt, audio, meta["text"], task))
+    return out
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+def fourier_basis(out_dim: int, n: int = FRAME, rate: int = RATE) -> torch.Tensor:
+    """(out_dim, n) Hann-windowed cos/sin rows on a mel-spaced grid, unit-norm rows."""
+    k = out_dim // 2
+    mel = np.linspace(2595 * np.log10(1 + 60 / 700), 2595 * np.log10(1 + 7600 / 700), k)
+    freqs = 700 * (10 ** (mel / 2595) - 1)
+    t = np.arange(n) / rate
+    win = np.hanning(n)
+    rows = []
+    for f in freqs:
+        rows.append(win * np.cos(2 * np.pi * f * t))
+        rows.append(win * np.sin(2 * np.pi * f * t))
+    while len(rows) < out_dim:
+        rows.append(win / np.sqrt(n))
+    w = np.stack(rows[:out_dim])
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def energy_mlp(layer: nn.Module) -> None:
+    """First MLP as band energies of the Fourier features: |X_k|^2 into dims 2k and 2k+1.
+
+    gelu(u) * u + gelu(-u) * (-u) = u^2 exactly (gelu(u) - gelu(-u) = u), so unit j
+    and its negated twin give the square of hidden dim j; down sums cos and sin.
+    """
+    assert isinstance(layer, DecoderLayer)
+    mlp = layer.mlp
+    inter, hidden = mlp.gate_proj.weight.shape
+    n = min(hidden, inter // 2)
+    eye = torch.eye(hidden)[:n]
+    gate = torch.zeros(inter, hidden)
+    gate[:n] = eye
+    gate[n : 2 * n] = -eye
+    down = torch.zeros(hidden, inter)
+    for j in range(n):
+        for out in (j - j % 2, j - j % 2 + 1):
+            if out < hidden:
+                down[out, j] = down[out, n + j] = 1.0 / math.sqrt(2 * n)
+    mlp.gate_proj.weight.copy_(gate)
+    mlp.up_proj.weight.copy_(gate)
+    mlp.down_proj.weight.copy_(down)
+
+
+def init_model(model: Gemma4Unified, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    hidden = model.cfg.text.hidden_size
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0.0, 1.0 / math.sqrt(hidden), generator=g)
+        for name, p in model.named_parameters():
+            if name.startswith("layers.") and p.dim() == 2:
+                p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]), generator=g)
+        if model.audio is not None:
+            model.audio.embedding_projection.weight.copy_(fourier_basis(hidden))
+            energy_mlp(model.layers[0])
+        if model.vision is not None:
+            model.vision.pos_embedding.normal_(0.0, 0.02, generator=g)
+
+
+def hidden_states(model: Gemma4Unified, p: Packed, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed hidden (B, T, H) and the residual after layer ``tap``: no cache."""
+    x = model.embed(p)
+    masks, _ = model._masks(p, None)
+    rope = {
+        True: rope_cos_sin(p.positions, model.inv_freq_sliding, x.dtype),
+        False: rope_cos_sin(p.positions, model.inv_freq_full, x.dtype),
+    }
+    mid = x
+    for i, layer in enumerate(model.layers):
+        assert isinstance(layer, DecoderLayer)
+        h = layer.input_layernorm(x)
+        q, k, v = layer.self_attn.project(h, *rope[layer.sliding])
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=masks[layer.sliding], scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        b, _, tt, _ = attn.shape
+        attn = layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, tt, -1))
+        x = x + layer.post_attention_layernorm(attn)
+        x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        x = x * layer.layer_scalar
+        if i == tap:
+            mid = x
+    return model.norm(x), mid
+
+
+def output_logits(model: Gemma4Unified, h: torch.Tensor) -> torch.Tensor:
+    w = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    return softcap(F.linear(h, w).float(), model.cfg.text.final_logit_softcapping)
+
+
+def pack_batch(model: Gemma4Unified, batch: Sequence[Example]) -> tuple[Packed, torch.Tensor]:
+    rows = []
+    for i, ex in enumerate(batch):
+        audio = torch.from_numpy(ex.audio) if ex.audio is not None else None
+        rows.append(
+            Append(slot=i, tokens=ex.tokens, audio=audio, images=[ex.image] if ex.image else [])
+        )
+    width = max(len(ex.tokens) for ex in batch)
+    width += (-width) % 8
+    p = model.pack(rows, None, pad_to=width)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.tokens)
+        labels[i, ex.loss_from - 1 : n - 1] = torch.tensor(ex.tokens[ex.loss_from : n])
+    return p, labels.to(model.device)
+
+
+def losses(
+    model: Gemma4Unified, head: nn.Linear, batch: Sequence[Example], cfg: TrainConfig
+) -> dict[str, torch.Tensor]:
+    p, labels = pack_batch(model, batch)
+    h, mid = hidden_states(model, p, cfg.ctc_layer)
+    sel = labels != -100
+    logits = output_logits(model, h[sel])
+    ce_all = F.cross_entropy(logits, labels[sel], reduction="none")
+    out: dict[str, torch.Tensor] = {"ce": ce_all.mean()}
+    row_of = torch.arange(len(batch), device=labels.device).view(-1, 1).expand_as(labels)[sel]
+    for task in ("transcribe", "translate", "caption"):
+        rows = torch.tensor([ex.task == task for ex in batch], device=labels.device)
+        m = rows[row_of]
+        if bool(m.any()):
+            out[f"ce_{task}"] = ce_all[m].mean().detach()
+    ctc_rows = [i for i, ex in enumerate(batch) if ex.ctc and ex.audio is not None]
+    if ctc_rows and cfg.ctc_weight > 0:
+        audio_id = model.cfg.tokens.audio
+        seqs: list[torch.Tensor] = []
+        in_lens: list[int] = []
+        targets: list[int] = []
+        tgt_lens: list[int] = []
+        for i in ctc_rows:
+            pos = (p.input_ids[i] == audio_id).nonzero().view(-1)
+            seqs.append(mid[i, pos])
+            in_lens.append(int(pos.numel()))
+            targets.extend(batch[i].ctc)
+            tgt_lens.append(len(batch[i].ctc))
+        padded = nn.utils.rnn.pad_sequence(seqs)  # (T, N, H)
+        normed = padded * torch.rsqrt(padded.pow(2).mean(-1, keepdim=True) + 1e-6)
+        logp = F.log_softmax(head(normed).float(), dim=-1)
+        ctc = F.ctc_loss(  # mean over the batch of the loss per target token
+            logp,
+            torch.tensor(targets, device=logp.device),
+            torch.tensor(in_lens),
+            torch.tensor(tgt_lens),
+            blank=0,
+            zero_infinity=True,
+        )
+        out["ctc"] = ctc
+        out["loss"] = out["ce"] + cfg.ctc_weight * ctc
+    else:
+        out["loss"] = out["ce"]
+    return out
+
+
+def lr_at(step: int, cfg: TrainConfig, minutes: float = 0.0) -> float:
+    """Warmup, then cosine decay over whichever runs out first: steps or the time budget."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), minutes / cfg.max_minutes)
+    frac = min(1.0, frac)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def load_tokenizer(root: Path, dcfg: D.DataConfig) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    f = root / "tokenizer.json"
+    if not f.exists():
+        hf = D.train_tokenizer(D.load_sentences(root, dcfg), dcfg)
+        tmp = root / "tokenizer.tmp.json"
+        hf.save(str(tmp))
+        tmp.replace(f)
+    return Tokenizer(HFTokenizer.from_file(str(f)), TOKEN_IDS)
+
+
+def export(model: Gemma4Unified, out: Path) -> None:
+    from rawcast.model.loader import save
+
+    tmp = out.with_name(out.name + ".tmp")
+    save(model, tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+
+
+def train(
+    data_root: Path,
+    run_dir: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    dcfg: D.DataConfig,
+    log: Any = print,
+) -> Path:
+    """Train (or resume) and export to ``out_dir``. Returns ``out_dir``."""
+    import importlib
+
+    tqdm = importlib.import_module("tqdm").tqdm  # untyped; imported here (an optional extra)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(data_root, dcfg)
+    fmt = PromptFormat(tok)
+    mcfg = tiny_config(tok.vocab_size, cfg.layers, cfg.hidden, cfg.intermediate)
+    torch.manual_seed(cfg.seed)
+    model = Gemma4Unified(mcfg)
+    init_model(model, cfg.seed)
+    model.tokenizer = tok
+    head = nn.Linear(cfg.hidden, len(CTC_CHARS) + 1)
+    model.to(device)
+    head.to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    state_file = run_dir / "state.pt"
+    step = 0
+    spent = 0.0  # minutes of training before this run (resumed runs)
+    if state_file.exists():
+        st = torch.load(state_file, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        step = int(st["step"])
+        spent = float(st.get("minutes", 0.0))
+        log(f"resumed from {state_file} at step {step}")
+    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    corpus = Corpus(data_root)
+    if len(corpus) == 0:
+        raise RuntimeError(f"no training shards under {data_root}: generate data first")
+    model.train()
+    t0 = time.time()
+    logf = (run_dir / "log.jsonl").open("a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=5)
+    ema: dict[str, float] = {}
+
+    def minutes() -> float:
+        return spent + (time.time() - t0) / 60
+
+    def save_state() -> None:
+        tmp = run_dir / "state.tmp.pt"
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "head": head.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "minutes": minutes(),
+            },
+            tmp,
+        )
+        tmp.replace(state_file)
+        model.eval()
+        export(model, out_dir)
+        model.train()
+
+    while step < cfg.steps:
+        if step % 100 == 0:
+            corpus.refresh()
+        batch = make_batch(fmt, corpus, cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, minutes())
+        out = losses(model, head, batch, cfg)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        vals = {k: float(v.detach()) for k, v in out.items()}
+        for k, v in vals.items():
+            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{ema[k]:.3f}" for k in ("loss", "ce", "ctc") if k in ema})
+        rec = {
+            "step": step,
+            "lr": opt.param_groups[0]["lr"],
+            "gnorm": float(gn),
+            "min": minutes(),
+            **vals,
+        }
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        if step % cfg.export_every == 0 or step == cfg.steps:
+            save_state()
+            log(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ema.items()))
+        if minutes() > cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+            save_state()
+            break
+    bar.close()
+    logf.close()
+    return out_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -308,3 +308,17 @@ def test_streaming_equals_offline_with_the_bundled_model(vad: SileroModel) -> No
     t.flush()
     live.run_until_idle()
     assert _finals(t.outbox) == want
+
+
+def test_a_busy_stream_does_not_starve_a_quiet_one(model: Gemma4Unified) -> None:
+    """A session with a minute of backlog shares every tick: a short session's final text
+    arrives while most of the busy session's audio is still queued."""
+    core = EngineCore(model, EngineConfig(max_sessions=2, max_frames_per_row=32))
+    cfg = SessionConfig(vad=None, max_new_tokens=4, decode_interval_ms=4000, max_pending_s=90)
+    busy, quiet = core.open(cfg), core.open(cfg)
+    busy.push_audio(0.05 * np.ones(16000 * 60, np.float32), 16000)
+    quiet.push_audio(0.05 * np.ones(16000, np.float32), 16000)
+    quiet.flush()
+    while not any(isinstance(e, TextEvent) and e.final for e in quiet.outbox):
+        assert core.step() > 0
+    assert busy.pending_frames() > 0.8 * 60 * 25

@@ -433,8 +433,8 @@ class Gemma4Unified(nn.Module):
 
     def _masks(
         self, p: Packed, cache: KVCache | None, kv_len: dict[bool | None, int] | None = None
-    ) -> tuple[dict[bool, torch.Tensor], dict[bool, torch.Tensor]]:
-        """Boolean masks (B, 1, T, K) per layer kind (key: sliding?) and cached positions."""
+    ) -> dict[bool, torch.Tensor]:
+        """Boolean masks (B, 1, T, K) per layer kind (key: sliding?)."""
         t = self.cfg.text
         q_pos = p.positions
         blocks = (
@@ -444,7 +444,6 @@ class Gemma4Unified(nn.Module):
         )
         blocks = torch.where(p.valid, blocks, torch.full_like(blocks, -1))
         masks: dict[bool, torch.Tensor] = {}
-        past_pos: dict[bool, torch.Tensor] = {}
         for sliding in (True, False):
             new_pos = torch.where(p.valid, q_pos, torch.full_like(q_pos, -1))
             if cache is not None:
@@ -456,7 +455,6 @@ class Gemma4Unified(nn.Module):
                     past = torch.cat([past, bpos], dim=1)
                 kv_pos = torch.cat([past, new_pos], dim=1)
                 kv_blocks = torch.cat([torch.full_like(past, -1), blocks], dim=1)
-                past_pos[sliding] = past
             else:
                 kv_pos, kv_blocks = new_pos, blocks
             qp = q_pos.unsqueeze(-1)
@@ -468,7 +466,7 @@ class Gemma4Unified(nn.Module):
                 )
                 m = (m | same) & (kp >= 0) & (kp > qp - t.sliding_window)
             masks[sliding] = m.unsqueeze(1)
-        return masks, past_pos
+        return masks
 
     def forward_packed(
         self, p: Packed, cache: KVCache | None = None, all_logits: bool = False
@@ -477,7 +475,7 @@ class Gemma4Unified(nn.Module):
         t = self.cfg.text
         x = self.embed(p)
         kv_len = self._kv_lengths(p, cache) if cache is not None else {}
-        masks, _ = self._masks(p, cache, kv_len)
+        masks = self._masks(p, cache, kv_len)
         rope = {
             True: rope_cos_sin(p.positions, self.inv_freq_sliding, x.dtype),
             False: rope_cos_sin(p.positions, self.inv_freq_full, x.dtype),

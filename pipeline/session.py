@@ -174,6 +174,7 @@ class Session:
         self.tasks = config.tasks
         self.tok = tokenizer
         self.fmt = PromptFormat(tokenizer)
+        self._prefix_ids = tuple(self.fmt.stream_prefix())  # tokenised once, used every row
         self.on_latency: Callable[[str, float], None] = lambda task, seconds: None
         self.on_drop: Callable[[str, int], None] = lambda kind, n: None  # "audio" | "video"
         self.outbox: list[Event] = []  # events, when no ``emit`` callback is given
@@ -320,7 +321,7 @@ class Session:
 
     def _bound_pending(self) -> None:
         limit = int(self.config.max_pending_s * SAMPLE_RATE / FRAME_SAMPLES)
-        pending = sum(isinstance(i, FrameItem) for i in self.items)
+        pending = self.pending_frames()
         if pending <= limit:
             return
         # Explicit policy: the engine is too slow for this stream; drop the OLDEST queued
@@ -391,11 +392,11 @@ class Session:
         if self.cache_open:
             return []
         self.cache_open = True
-        return self.fmt.stream_prefix()
+        return list(self._prefix_ids)
 
     def _frames_row(self, max_frames: int, cache: KVCache) -> Append:
         frames: list[AudioFrame] = []
-        room = cache.full_capacity - cache.length(self.slot) - len(self.fmt.stream_prefix())
+        room = cache.full_capacity - cache.length(self.slot) - len(self._prefix_ids)
         max_frames = max(1, min(max_frames, room))
         while self.items and isinstance(self.items[0], FrameItem) and len(frames) < max_frames:
             item = self.items.popleft()

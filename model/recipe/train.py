@@ -251,7 +251,7 @@ def init_model(model: Gemma4Unified, seed: int) -> None:
 def hidden_states(model: Gemma4Unified, p: Packed, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-normed hidden (B, T, H) and the residual after layer ``tap``: no cache."""
     x = model.embed(p)
-    masks, _ = model._masks(p, None)
+    masks = model._masks(p, None)
     rope = {
         True: rope_cos_sin(p.positions, model.inv_freq_sliding, x.dtype),
         False: rope_cos_sin(p.positions, model.inv_freq_full, x.dtype),

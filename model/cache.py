@@ -131,6 +131,15 @@ class KVCache:
     def branch_length(self, branch: int) -> int:
         return self.branch_lengths[branch]
 
+    def rollback_branch(self, branch: int, length: int) -> None:
+        """Keep a branch's first ``length`` tokens and forget the rest (rejected drafts)."""
+        n = self.branch_lengths[branch]
+        if not 0 <= length <= n:
+            raise ValueError(f"branch rollback to {length} outside [0, {n}] for branch {branch}")
+        if length < n:
+            self.pos_branch[branch, length:].fill_(-1)  # a branch token's index is its offset
+            self.branch_lengths[branch] = length
+
     def check_branch_room(self, branch: int, n: int) -> None:
         if self.branch_lengths[branch] + n > self.spec.branch_room:
             raise CacheFullError(

@@ -472,6 +472,18 @@ class Gemma4Unified(nn.Module):
         self, p: Packed, cache: KVCache | None = None, all_logits: bool = False
     ) -> torch.Tensor:
         """Run one ragged step; returns logits (B, V) at each row's last token, or (B, T, V)."""
+        x = self.hidden_packed(p, cache)
+        if not all_logits:
+            x = x.gather(1, p.last.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., H) -> soft-capped fp32 logits (..., V)."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return softcap(F.linear(x, w).float(), self.cfg.text.final_logit_softcapping)
+
+    def hidden_packed(self, p: Packed, cache: KVCache | None = None) -> torch.Tensor:
+        """Run one ragged step; returns the final-normed hidden states (B, T, H) of every token."""
         t = self.cfg.text
         x = self.embed(p)
         kv_len = self._kv_lengths(p, cache) if cache is not None else {}
@@ -530,11 +542,28 @@ class Gemma4Unified(nn.Module):
             x = x * layer.layer_scalar
         if cache is not None:
             self._commit_positions(p, cache, write_idx, branch_idx)
-        x = self.norm(x)
-        if not all_logits:
-            x = x.gather(1, p.last.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return softcap(F.linear(x, w).float(), t.final_logit_softcapping)
+        return self.norm(x)
+
+    def cached_kv(
+        self, p: Packed, cache: KVCache, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the rows of ``p`` can attend to at ``layer`` before their own tokens are added.
+
+        K and V (B, Hkv, K, D) and their absolute positions (B, K), -1 where empty: the
+        slot's buffer, followed by the branch buffer on branch rows. The MTP drafter reads
+        the target's last sliding and last full layer through this.
+        """
+        kv_len = self._kv_lengths(p, cache)
+        sliding = self.cfg.text.is_sliding(layer)
+        n = kv_len[sliding]
+        ks, vs = [_rows(cache.k[layer], p, n, 2)], [_rows(cache.v[layer], p, n, 2)]
+        pos = [_rows(cache.pos_table(layer), p, n, 1)]
+        if p.branches is not None:
+            nb = kv_len[None]
+            ks.append(cache.kb[layer].index_select(0, p.branches)[:, :, :nb])
+            vs.append(cache.vb[layer].index_select(0, p.branches)[:, :, :nb])
+            pos.append(cache.pos_branch.index_select(0, p.branches)[:, :nb])
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(pos, dim=1)
 
     def _commit_positions(
         self,
@@ -567,6 +596,15 @@ class Gemma4Unified(nn.Module):
     ) -> torch.Tensor:
         """Append each row to its slot's cache in ONE forward; logits at each row's last token."""
         return self.forward_packed(self.pack(rows, cache), cache, all_logits=all_logits)
+
+    @torch.inference_mode()
+    def step_hidden(self, rows: Sequence[Append], cache: KVCache) -> torch.Tensor:
+        """Like ``step``, but the final-normed hidden states (B, T, H) of every token.
+
+        ``head`` turns any of them into logits: the engine takes each row's last one,
+        speculative decoding all of a verify row's (see ``speculative.py``).
+        """
+        return self.hidden_packed(self.pack(rows, cache), cache)
 
     @torch.inference_mode()
     def logits(

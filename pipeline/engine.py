@@ -21,9 +21,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import av
+import numpy as np
 import structlog
 import torch
 
@@ -36,6 +38,9 @@ from rawcast.pipeline.session import Session, SessionConfig, Tasks
 from rawcast.pipeline.vad import SileroModel, Vad, VadConfig
 
 log = structlog.get_logger(__name__)
+
+# (session id or "" for engine-level work, the work, called on the worker once applied)
+Command = tuple[str, Callable[[Session], Any], Callable[[], None] | None]
 
 
 class SessionLimitError(RuntimeError):
@@ -70,6 +75,13 @@ class EngineConfig:
     branch_room: int = 128
     max_tokens_per_tick: int = 2048
     max_frames_per_row: int = 64
+    # Bounds on what one session may have queued between the event loop and the worker
+    # (commands the worker has not applied yet). Past the audio or command bound the
+    # session ends with a fatal ``overloaded`` error; past the image bound new camera
+    # frames are dropped (counted as ``video`` drops) while audio keeps flowing.
+    max_inflight_audio_s: float = 10.0
+    max_inflight_images: int = 2
+    max_inflight_commands: int = 512
 
     def full_capacity(self) -> int:
         frames = int(self.max_segment_s * 25) + 1
@@ -242,26 +254,89 @@ class EngineCore:
 # --- the asyncio adapter --------------------------------------------------------------------
 
 
+@dataclass
+class InFlight:
+    """What one session has queued for the worker and the worker has not applied yet.
+
+    Incremented on the event loop, decremented on the worker (under ``lock``)."""
+
+    commands: int = 0
+    audio_s: float = 0.0
+    images: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, commands: int, audio_s: float, images: int) -> None:
+        with self.lock:
+            self.commands += commands
+            self.audio_s += audio_s
+            self.images += images
+
+
 class SessionHandle:
-    """The event-loop side of one session: enqueue media, read events."""
+    """The event-loop side of one session: enqueue media, read events.
+
+    The queue to the worker is bounded per session (``EngineConfig.max_inflight_*``):
+    a client that sends faster than the worker applies its commands loses camera frames
+    first (counted), and past the audio bound its session ends with a fatal
+    ``overloaded`` error instead of growing memory; other sessions are not affected.
+    """
 
     def __init__(self, engine: Engine, session_id: str) -> None:
         self.engine = engine
         self.id = session_id
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.closed = False
+        self.inflight = InFlight()
 
-    def _send(self, fn: Callable[[Session], None]) -> None:
+    def _send(self, fn: Callable[[Session], None], audio_s: float = 0.0, images: int = 0) -> None:
         if self.closed:
             raise RuntimeError(f"session {self.id} is closed")
-        self.engine._submit(self.id, fn)
+        cfg = self.engine.core.config
+        f = self.inflight
+        if f.commands >= cfg.max_inflight_commands or (
+            audio_s and f.audio_s + audio_s > cfg.max_inflight_audio_s
+        ):
+            self._overloaded()
+            return
+        f.add(1, audio_s, images)
+        self.engine._submit(self.id, fn, self._applied(audio_s, images))
+
+    def _applied(self, audio_s: float, images: int) -> Callable[[], None]:
+        return lambda: self.inflight.add(-1, -audio_s, -images)
+
+    def _overloaded(self) -> None:
+        f = self.inflight
+        log.warning(
+            "session.overloaded",
+            session_id=self.id,
+            commands=f.commands,
+            audio_s=round(f.audio_s, 2),
+        )
+        self.engine.core.observer.error("overloaded")
+        self.queue.put_nowait(
+            ErrorEvent(
+                "overloaded",
+                f"the engine is not keeping up: {f.audio_s:.1f} s of audio and "
+                f"{f.commands} messages are still queued; the session is closed",
+                fatal=True,
+            )
+        )
+        self.closed = True
+        self.engine._cancel(self.id)
 
     def push_audio(self, pcm: Any, sample_rate: int | None = None, **kw: Any) -> None:
         """Queue PCM (numpy or av.AudioFrame); framing happens on the worker."""
-        self._send(lambda s: s.push_audio(pcm, sample_rate, **kw))
+        self._send(
+            lambda s: s.push_audio(pcm, sample_rate, **kw),
+            audio_s=_duration(pcm, sample_rate, kw.get("channels")),
+        )
 
     def push_image(self, image: Any, time: float) -> None:
-        self._send(lambda s: s.push_image(image, time))
+        """Queue a camera frame; dropped (and counted) while too many are in flight."""
+        if not self.closed and self.inflight.images >= self.engine.core.config.max_inflight_images:
+            self.engine.core.observer.dropped("video", 1)
+            return
+        self._send(lambda s: s.push_image(image, time), images=1)
 
     def configure(self, tasks: Tasks) -> None:
         self._send(lambda s: s.configure(tasks))
@@ -322,9 +397,8 @@ class Engine:
         observer: Observer | None = None,
     ) -> None:
         self.core = EngineCore(model, config, vad_model, observer=observer)
-        self._commands: queue.SimpleQueue[tuple[str, Callable[[Session], Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._cancelled: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -374,7 +448,7 @@ class Engine:
                 self._handles[s.id] = h
             loop.call_soon_threadsafe(_set_result, fut, h)
 
-        self._commands.put(("", lambda _s: do()))
+        self._commands.put(("", lambda _s: do(), None))
         self._wake.set()
         return await fut
 
@@ -385,26 +459,49 @@ class Engine:
             with self._lock:
                 self._handles.pop(h.id, None)
 
-    def _submit(self, sid: str, fn: Callable[[Session], Any]) -> None:
-        self._commands.put((sid, fn))
+    def _submit(
+        self, sid: str, fn: Callable[[Session], Any], done: Callable[[], None] | None = None
+    ) -> None:
+        self._commands.put((sid, fn, done))
         self._wake.set()
+
+    def _cancel(self, sid: str) -> None:
+        """Drop the session's queued commands and abort it (called from the event loop)."""
+        with self._lock:
+            self._cancelled.add(sid)
+        self._commands.put(("", lambda _s: self._abort(sid), None))
+        self._wake.set()
+
+    def _abort(self, sid: str) -> None:
+        with self._lock:
+            self._cancelled.discard(sid)
+        s = self.core.sessions.get(sid)
+        if s is not None and not s.closed:
+            s.abort()
 
     def _apply_commands(self) -> None:
         while True:
             try:
-                sid, fn = self._commands.get_nowait()
+                sid, fn, done = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if not sid:
-                fn(None)  # type: ignore[arg-type]  # engine-level command
-                continue
-            s = self.core.sessions.get(sid)
-            if s is None or s.closed:
-                continue
             try:
-                fn(s)
-            except Exception as e:  # bad media from one client ends that session only
-                self.core.fail(s, e)
+                self._apply(sid, fn)
+            finally:
+                if done is not None:
+                    done()
+
+    def _apply(self, sid: str, fn: Callable[[Session], Any]) -> None:
+        if not sid:
+            fn(None)  # type: ignore[arg-type]  # engine-level command
+            return
+        s = self.core.sessions.get(sid)
+        if s is None or s.closed or sid in self._cancelled:
+            return
+        try:
+            fn(s)
+        except Exception as e:  # bad media from one client ends that session only
+            self.core.fail(s, e)
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -420,6 +517,16 @@ class Engine:
             if not did and not self.core.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+
+def _duration(pcm: Any, sample_rate: int | None, channels: int | None = None) -> float:
+    """Seconds of audio in ``pcm`` (an ``av.AudioFrame`` or numpy, as the framer takes it)."""
+    if isinstance(pcm, av.AudioFrame):
+        return float(pcm.samples) / (pcm.sample_rate or 16_000)
+    if isinstance(pcm, np.ndarray):
+        n = pcm.shape[-1] if pcm.ndim == 2 else pcm.size // (channels or 1)
+        return float(n) / (sample_rate or 16_000)
+    return 0.0  # the framer rejects it on the worker
 
 
 def _set_result(fut: asyncio.Future[SessionHandle], h: SessionHandle) -> None:

@@ -322,3 +322,66 @@ def test_a_busy_stream_does_not_starve_a_quiet_one(model: Gemma4Unified) -> None
     while not any(isinstance(e, TextEvent) and e.final for e in quiet.outbox):
         assert core.step() > 0
     assert busy.pending_frames() > 0.8 * 60 * 25
+
+
+async def test_a_client_faster_than_the_worker_is_bounded_not_buffered(
+    model: Gemma4Unified,
+) -> None:
+    """Queues between the loop and the worker are bounded per session: with the worker
+    stalled, camera frames are dropped first (counted), and past the audio bound the
+    session gets a fatal ``overloaded`` error instead of growing memory; another
+    session carries on."""
+    import threading
+
+    from rawcast.pipeline.engine import Observer
+
+    class Counting(Observer):
+        def __init__(self) -> None:
+            self.dropped_video = 0
+            self.errors: list[str] = []
+
+        def dropped(self, kind: str, n: int) -> None:
+            self.dropped_video += n if kind == "video" else 0
+
+        def error(self, kind: str) -> None:
+            self.errors.append(kind)
+
+    obs = Counting()
+    config = EngineConfig(max_sessions=2, max_inflight_audio_s=2.0, max_inflight_images=2)
+    engine = Engine(model, config, observer=obs)
+    await engine.start()
+    gate = threading.Event()
+    try:
+        cfg = SessionConfig(tasks=Tasks(transcribe=True, caption=True), vad=None)
+        fast = await engine.open_session(cfg)
+        calm = await engine.open_session(SessionConfig(tasks=Tasks(transcribe=True), vad=None))
+        engine._submit("", lambda _s: gate.wait(30))  # the worker is stuck in a long tick
+        image = np.zeros((48, 48, 3), np.uint8)
+        for i in range(10):
+            fast.push_image(image, i / 10)
+        assert fast.inflight.images == 2 and obs.dropped_video == 8
+        chunk = np.zeros(3200, np.float32)  # 200 ms
+        pushed = 0
+        while not fast.closed and pushed < 100:
+            fast.push_audio(chunk, 16000)
+            pushed += 1
+        assert fast.closed and pushed == 11  # 10 chunks (2 s) fit; the 11th overloads
+        assert fast.inflight.audio_s <= 2.0 + 1e-9
+        calm.push_audio(chunk, 16000)  # the other session is untouched
+        with pytest.raises(RuntimeError, match="closed"):
+            fast.push_audio(chunk, 16000)
+        gate.set()
+        events = [e async for e in fast.events()]
+        calm.push_audio(np.zeros(16000, np.float32), 16000)
+        calm.close()
+        calm_events = [e async for e in calm.events()]
+    finally:
+        gate.set()
+        await engine.stop()
+    err = events[0]
+    assert isinstance(err, ErrorEvent) and err.code == "overloaded" and err.fatal
+    assert isinstance(events[-1], ClosedEvent) and events[-1].reason == "aborted"
+    assert fast.inflight.commands == 0 and fast.inflight.audio_s == pytest.approx(0.0, abs=1e-9)
+    assert "overloaded" in obs.errors
+    assert isinstance(calm_events[-1], ClosedEvent) and calm_events[-1].reason == "closed"
+    assert not any(isinstance(e, ErrorEvent) for e in calm_events)

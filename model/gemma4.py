@@ -239,6 +239,16 @@ class Packed:
     bases: torch.Tensor | None = None  # (B,) position of each branch's first token
 
 
+@dataclass
+class StepPlan:
+    """What a cached step reads and writes (see ``Gemma4Unified.plan``)."""
+
+    kv_len: dict[bool | None, int]  # entries read per buffer kind (sliding, full, branch)
+    masks: dict[bool, torch.Tensor]  # (B, 1, T, K + T) per layer kind (key: sliding?)
+    write_idx: dict[bool, torch.Tensor]  # (B, T) buffer index of each new token
+    branch_idx: torch.Tensor | None  # (B, T) branch buffer index, or None
+
+
 def _rows(buf: torch.Tensor, p: Packed, length: int, dim: int) -> torch.Tensor:
     """The cache rows of the step's slots, first ``length`` entries along ``dim``.
 
@@ -484,65 +494,112 @@ class Gemma4Unified(nn.Module):
 
     def hidden_packed(self, p: Packed, cache: KVCache | None = None) -> torch.Tensor:
         """Run one ragged step; returns the final-normed hidden states (B, T, H) of every token."""
-        t = self.cfg.text
         x = self.embed(p)
-        kv_len = self._kv_lengths(p, cache) if cache is not None else {}
-        masks = self._masks(p, cache, kv_len)
-        rope = {
-            True: rope_cos_sin(p.positions, self.inv_freq_sliding, x.dtype),
-            False: rope_cos_sin(p.positions, self.inv_freq_full, x.dtype),
-        }
+        if cache is None:
+            x, _ = self.run_layers(x, p.positions, self._masks(p, None), None)
+            return self.norm(x)
+        plan = self.plan(p, cache)
+        x, new = self.run_layers(x, p.positions, plan.masks, self.gather_past(p, cache, plan))
+        self.store(p, cache, plan, new)
+        return self.norm(x)
+
+    def plan(self, p: Packed, cache: KVCache) -> StepPlan:
+        """Host-side bookkeeping of a cached step: what to read, masks, where to write."""
+        t = self.cfg.text
+        assert p.is_branch is not None and p.bases is not None
+        kv_len = self._kv_lengths(p, cache)
         write_idx: dict[bool, torch.Tensor] = {}
         branch_idx: torch.Tensor | None = None
-        if cache is not None:
-            assert p.is_branch is not None and p.bases is not None
-            last_pos = p.positions.gather(1, p.last.view(-1, 1))
-            main_row = (~p.is_branch).view(-1, 1)
-            for sliding in (True, False):
-                ref = t.sliding_layers[0] if sliding and t.sliding_layers else t.full_layers[0]
-                keep = p.valid & main_row & (p.positions > last_pos - cache.capacity(ref))
-                write_idx[sliding] = cache.write_index(ref, p.positions, keep)
+        last_pos = p.positions.gather(1, p.last.view(-1, 1))
+        main_row = (~p.is_branch).view(-1, 1)
+        for sliding in (True, False):
+            ref = t.sliding_layers[0] if sliding and t.sliding_layers else t.full_layers[0]
+            keep = p.valid & main_row & (p.positions > last_pos - cache.capacity(ref))
+            write_idx[sliding] = cache.write_index(ref, p.positions, keep)
+        if p.branches is not None:
+            room = cache.spec.branch_room
+            offs = p.positions - p.bases.view(-1, 1)
+            keep_b = p.valid & ~main_row & (offs < room)
+            branch_idx = torch.where(keep_b, offs, torch.full_like(offs, room))
+        return StepPlan(kv_len, self._masks(p, cache, kv_len), write_idx, branch_idx)
+
+    def gather_past(
+        self, p: Packed, cache: KVCache, plan: StepPlan
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cached K and V (B, Hkv, K, D) the step's rows attend to."""
+        past = []
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
+            n = plan.kv_len[layer.sliding]
+            ks, vs = [_rows(cache.k[i], p, n, 2)], [_rows(cache.v[i], p, n, 2)]
             if p.branches is not None:
-                room = cache.spec.branch_room
-                offs = p.positions - p.bases.view(-1, 1)
-                keep_b = p.valid & ~main_row & (offs < room)
-                branch_idx = torch.where(keep_b, offs, torch.full_like(offs, room))
+                nb = plan.kv_len[None]
+                ks.append(cache.kb[i].index_select(0, p.branches)[:, :, :nb])
+                vs.append(cache.vb[i].index_select(0, p.branches)[:, :, :nb])
+            past.append((ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2)))
+        return past
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        masks: dict[bool, torch.Tensor],
+        past: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The decoder stack over embedded tokens x (B, T, H) given each layer's cached K/V.
+
+        Pure tensor code (no cache object): the ONNX export runs exactly this. Returns
+        the residual stream before the final norm and each layer's new K and V.
+        """
+        rope = {
+            True: rope_cos_sin(positions, self.inv_freq_sliding, x.dtype),
+            False: rope_cos_sin(positions, self.inv_freq_full, x.dtype),
+        }
+        new: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             sliding = layer.sliding
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.project(h, *rope[sliding])
-            if cache is not None:
-                n = kv_len[sliding]
-                ks, vs = [_rows(cache.k[i], p, n, 2)], [_rows(cache.v[i], p, n, 2)]
-                if p.branches is not None:
-                    nb = kv_len[None]
-                    ks.append(cache.kb[i].index_select(0, p.branches)[:, :, :nb])
-                    vs.append(cache.vb[i].index_select(0, p.branches)[:, :, :nb])
-                kk = torch.cat([*ks, k.to(cache.dtype)], dim=2)
-                vv = torch.cat([*vs, v.to(cache.dtype)], dim=2)
+            if past is not None:
+                pk, pv = past[i]
+                kk = torch.cat([pk.to(q.dtype), k], dim=2)
+                vv = torch.cat([pv.to(q.dtype), v], dim=2)
             else:
                 kk, vv = k, v
+            if q.shape[1] != kk.shape[1] and torch.onnx.is_in_onnx_export():
+                rep = q.shape[1] // kk.shape[1]
+                kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
             attn = F.scaled_dot_product_attention(
                 q,
-                kk.to(q.dtype),
-                vv.to(q.dtype),
+                kk,
+                vv,
                 attn_mask=masks[sliding],
                 scale=1.0,
                 enable_gqa=q.shape[1] != kk.shape[1],
             )
             b, _, tt, _ = attn.shape
             attn = layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, tt, -1))
-            if cache is not None:
-                cache.write(i, p.slots, write_idx[sliding], k, v)
-                if p.branches is not None and branch_idx is not None:
-                    cache.write(i, p.branches, branch_idx, k, v, branch=True)
+            new.append((k, v))
             x = x + layer.post_attention_layernorm(attn)
             x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
             x = x * layer.layer_scalar
-        if cache is not None:
-            self._commit_positions(p, cache, write_idx, branch_idx)
-        return self.norm(x)
+        return x, new
+
+    def store(
+        self,
+        p: Packed,
+        cache: KVCache,
+        plan: StepPlan,
+        new: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Write the step's new K/V into the cache and advance its bookkeeping."""
+        for i, (k, v) in enumerate(new):
+            idx = plan.write_idx[self.cfg.text.is_sliding(i)]
+            cache.write(i, p.slots, idx, k, v)
+            if p.branches is not None and plan.branch_idx is not None:
+                cache.write(i, p.branches, plan.branch_idx, k, v, branch=True)
+        self._commit_positions(p, cache, plan.write_idx, plan.branch_idx)
 
     def cached_kv(
         self, p: Packed, cache: KVCache, layer: int
@@ -600,6 +657,8 @@ class Gemma4Unified(nn.Module):
     @torch.inference_mode()
     def step_hidden(self, rows: Sequence[Append], cache: KVCache) -> torch.Tensor:
         """Like ``step``, but the final-normed hidden states (B, T, H) of every token.
+
+        T is the padded width: row i's tokens are its first ``len(rows[i].tokens)`` entries.
 
         ``head`` turns any of them into logits: the engine takes each row's last one,
         speculative decoding all of a verify row's (see ``speculative.py``).

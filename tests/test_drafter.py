@@ -359,6 +359,45 @@ def test_state_after_rounds_equals_a_fresh_prefill(pair: Pair) -> None:
     assert any(s.accepted < s.drafted for s in streams)
 
 
+def test_verify_rows_share_the_forward_with_other_work(pair: Pair) -> None:
+    """The engine's tick: branch verify rows and another slot's append in ONE forward."""
+    g = torch.Generator().manual_seed(60)
+    prefix, other = randint(g, 20), [randint(g, n) for n in (7, 5, 9)]
+    tails = [randint(g, 3), randint(g, 6)]
+    t = pair.target
+
+    def fresh_with_prefix() -> KVCache:
+        c = fresh(pair, 2, branches=2)
+        t.step([Append(0, prefix), Append(1, other[0])], c)
+        return c
+
+    rows = [Append(0, tail, branch=b) for b, tail in enumerate(tails)]
+    ref = greedy(t, fresh_with_prefix(), rows, 12, suppress=SUPPRESS)
+    ref_other = fresh_with_prefix()
+    for chunk in other[1:]:
+        want_logits = t.step([Append(1, chunk)], ref_other)
+
+    cache = fresh_with_prefix()
+    streams = begin(t, cache, rows, SpecConfig(k=3), budget=11, suppress=SUPPRESS)
+    out = [[s.token] for s in streams]
+    chunks = iter(other[1:])
+    while not all(s.done for s in streams):
+        live = [s for s in streams if not s.done]
+        verify = draft(pair.drafter, t, cache, live, SUPPRESS)
+        chunk = next(chunks, None)
+        extra = [Append(1, chunk)] if chunk is not None else []
+        hidden = t.step_hidden(verify + extra, cache)
+        if extra:
+            with torch.inference_mode():
+                got_logits = t.head(hidden[len(verify), len(chunk) - 1])
+        new = accept(t, cache, live, verify, hidden[: len(verify)], suppress=SUPPRESS)
+        for s, toks in zip(live, new, strict=True):
+            out[streams.index(s)].extend(toks)
+    assert out == ref
+    assert cache.length(1) == ref_other.length(1)
+    torch.testing.assert_close(got_logits, want_logits[0], atol=1e-5, rtol=0)
+
+
 def test_speculative_equals_greedy_across_rollbacks(pair: Pair) -> None:
     """The engine's pattern on the slot itself: append context, mark, decode after closing
     tokens, roll back to the mark, append more context, decode again."""

@@ -14,7 +14,11 @@ copied). One draft step (see ../shared/docs/gemma4-unified.md, section 6):
 ``token`` (the one that predicted it). Masks follow transformers 5.24's
 ``Gemma4UnifiedAssistantForCausalLM``: full layers see every cached token; sliding
 layers see the last ``sliding_window + 1`` of them (its bidirectional window
-counts ``|q - kv| <= window``), one more than the target's own window.
+counts ``|q - kv| <= window``), one more than the target's own window. The
+drafter sees only committed tokens; transformers' candidate generator, after a
+partly rejected round, still passes the rejected drafts' K/V (it slices the
+target's K/V from the front), so the two agree on the first round and whenever
+the context is freshly prefilled, which is what the parity tests compare.
 
 ``propose`` drafts k tokens for a batch of slots (or branch buffers) in k small
 forwards whose shapes depend only on (B, cached length); the cache is only read.

@@ -1,0 +1,147 @@
+"""Speculative decoding with the MTP drafter versus plain greedy decoding, same run.
+
+For each batch size: B streams get a prompt (context + closing tokens), then decode
+N tokens; plain greedy (one ``model.step`` per token) and speculative (drafter
+proposes k, ONE target forward verifies, see ``rawcast.model.speculative``) run on
+the same weights and prompts and must emit the same tokens (checked). Reports decode
+tokens/s, the acceptance rate, target forwards, and at batch 1 the final-text latency
+(closing tokens appended -> last token decoded), a model-level proxy for the
+engine's end-of-speech-to-final-text time.
+
+Without ``--drafter`` the drafter is random (acceptance near 1/vocab: the figures
+then show the overhead, not a speed-up); ``--model``/``--drafter`` take checkpoints.
+
+    python bench/speculative.py
+    python bench/speculative.py --model rawcast-tiny --drafter path/to/drafter --k 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+
+import torch
+
+from rawcast.model import CacheSpec, KVCache, loader, preset
+from rawcast.model.config import FULL, SLIDING
+from rawcast.model.drafter import Drafter, DrafterConfig
+from rawcast.model.drafter import load as load_drafter
+from rawcast.model.gemma4 import Append, Gemma4Unified
+from rawcast.model.speculative import SpecConfig, generate, greedy
+
+
+def random_target(seed: int = 0) -> Gemma4Unified:
+    torch.manual_seed(seed)
+    model = Gemma4Unified(preset("tiny")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.1)
+    return model
+
+
+def random_drafter(target: Gemma4Unified, seed: int = 1) -> Drafter:
+    """A 4-layer drafter (3 sliding, 1 full) of half the target's width, random weights."""
+    t = target.cfg.text
+    text = dataclasses.replace(
+        t,
+        hidden_size=t.hidden_size // 2,
+        intermediate_size=t.intermediate_size // 2,
+        num_hidden_layers=4,
+        layer_types=(SLIDING, SLIDING, SLIDING, FULL),
+    )
+    cfg = DrafterConfig(text=text, backbone_hidden_size=t.hidden_size)
+    cfg.check_target(t)
+    torch.manual_seed(seed)
+    d = Drafter(cfg).to(target.dtype).eval()
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.1)
+    return d
+
+
+def run(
+    model: Gemma4Unified,
+    drafter: Drafter,
+    batch: int,
+    new: int,
+    spec: SpecConfig,
+    context: int,
+) -> dict[str, float]:
+    t = model.cfg.text
+    g = torch.Generator().manual_seed(batch)
+    special = sorted(set(dataclasses.astuple(model.cfg.tokens)))
+    suppress = torch.tensor(special)
+    text_ids = torch.tensor([i for i in range(3, min(t.vocab_size, 400)) if i not in special])
+    n_ids = len(text_ids)
+    prompts = [text_ids[torch.randint(n_ids, (context,), generator=g)] for _ in range(batch)]
+    closing = [text_ids[torch.randint(n_ids, (4,), generator=g)] for _ in range(batch)]
+    cs = CacheSpec(slots=batch, full_capacity=context + new + 64, branch_room=new + spec.k_max + 8)
+    out: dict[str, float] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    for name in ("plain", "spec"):
+        cache = KVCache(t, cs, device=model.device, dtype=model.dtype)
+        model.step([Append(i, p) for i, p in enumerate(prompts)], cache)
+        rows = [Append(i, c) for i, c in enumerate(closing)]
+        t0 = time.perf_counter()
+        if name == "plain":
+            tokens[name] = greedy(model, cache, rows, new, suppress=suppress)
+            forwards = new
+        else:
+            res = generate(model, drafter, cache, rows, new, spec, suppress=suppress)
+            tokens[name], forwards = res.tokens, res.forwards + 1
+            out["acceptance"] = res.acceptance
+        dt = time.perf_counter() - t0
+        out[f"{name}_tok_s"] = batch * new / dt
+        out[f"{name}_latency_ms"] = dt * 1e3
+        out[f"{name}_forwards"] = forwards
+    if tokens["plain"] != tokens["spec"]:
+        raise AssertionError("speculative decoding emitted different tokens than greedy")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="checkpoint dir or bundled name (default: random tiny)"
+    )
+    ap.add_argument("--drafter", help="drafter checkpoint dir (default: random)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--new", type=int, default=48, help="tokens to decode per stream")
+    ap.add_argument("--context", type=int, default=200, help="context tokens before decoding")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k-max", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = loader.load(args.model) if args.model else random_target()
+    drafter = load_drafter(args.drafter, target=model) if args.drafter else random_drafter(model)
+    spec = SpecConfig(k=args.k, k_min=1, k_max=args.k_max)
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; target {args.model or 'random tiny'}, "
+        f"drafter {args.drafter or 'random'}; k={args.k} (max {args.k_max}), {args.new} tokens"
+    )
+    print("batch  plain tok/s  spec tok/s  acceptance  forwards plain/spec  latency ms plain/spec")
+    for b in args.batches:
+        run(model, drafter, b, min(args.new, 8), spec, args.context)  # warm-up
+        r = run(model, drafter, b, args.new, spec, args.context)
+        print(
+            f"{b:5d}  {r['plain_tok_s']:11.1f}  {r['spec_tok_s']:10.1f}  {r['acceptance']:10.1%}  "
+            f"{r['plain_forwards']:8.0f}/{r['spec_forwards']:<10.0f} "
+            f"{r['plain_latency_ms']:8.1f}/{r['spec_latency_ms']:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

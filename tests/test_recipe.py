@@ -85,6 +85,30 @@ def test_truncated_audio_keeps_the_words_spoken_before_the_cut() -> None:
         assert all(e <= cut.size for e in ends[:n])
 
 
+def test_phone_units_join_ties_and_long_vowels_and_drop_stress() -> None:
+    assert T.phone_units("k\u02c8a\u200d\u028ab\u0254\u200d\u026a") == [
+        "k",
+        "a\u028a",
+        "b",
+        "\u0254\u026a",
+    ]
+    assert T.phone_units("s\u02cci\u02d0p") == ["s", "i\u02d0", "p"]
+
+
+def test_lexicon_labels_are_phones_and_unknown_words_give_none() -> None:
+    lex = T.Lexicon({"a": ["\u0259"], "cat": ["k", "\u00e6", "t"]}, ("k", "t", "\u0259", "\u00e6"))
+    assert lex.labels("a cat") == [3, 1, 4, 2]
+    assert lex.labels("a dog") == []
+
+
+@needs_espeak
+def test_lexicon_is_built_with_espeak_and_cached(tmp_path: Path) -> None:
+    lex = T.Lexicon.build(tmp_path, ["the cat", "a cat"])
+    assert set(lex.words) == {"the", "cat", "a"} and lex.words["cat"][0] == "k"
+    assert (tmp_path / "lexicon.json").exists()
+    assert T.Lexicon.build(tmp_path, ["cat"]).words == {"cat": lex.words["cat"]}
+
+
 def test_held_out_scene_compositions_never_appear_in_training() -> None:
     for i in range(200):
         groups, _ = scenes.sample_groups(random.Random(i), heldout=False)

@@ -29,10 +29,10 @@ def train_command(
     seed: int = 1234,
     train_clips: int = 10_500,
     workers: int = 2,
-    steps: int = 8000,
+    steps: int = 5000,
     batch: int = 16,
-    max_minutes: float = 100.0,
-    threads: int = 0,
+    max_minutes: float = 70.0,
+    threads: int = 1,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -87,11 +87,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--train-clips", type=int, default=10_500)
     train.add_argument("--workers", type=int, default=2, help="data generation processes")
-    train.add_argument("--steps", type=int, default=8000)
+    train.add_argument("--steps", type=int, default=5000)
     train.add_argument("--batch", type=int, default=16)
-    train.add_argument("--max-minutes", type=float, default=100.0)
+    train.add_argument("--max-minutes", type=float, default=70.0)
     train.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: default; 1 on a busy CPU)"
+        "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
     )
     train.set_defaults(func=_train)
 

@@ -249,6 +249,15 @@ class StepPlan:
     branch_idx: torch.Tensor | None  # (B, T) branch buffer index, or None
 
 
+def _fill(x: torch.Tensor, mask: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, H) with the positions where ``mask`` is set taken, in row-major order,
+    from the rows of ``src`` (N, H). Like ``masked_scatter``, but also for N = 0 and in
+    shapes an ONNX export keeps dynamic."""
+    idx = (mask.reshape(-1).long().cumsum(0) - 1).clamp(min=0).view(mask.shape)
+    src = torch.cat([src.to(x.dtype), x.new_zeros(1, x.shape[-1])])  # a row for N = 0
+    return torch.where(mask.unsqueeze(-1), src[idx], x)
+
+
 def _rows(buf: torch.Tensor, p: Packed, length: int, dim: int) -> torch.Tensor:
     """The cache rows of the step's slots, first ``length`` entries along ``dim``.
 
@@ -415,20 +424,26 @@ class Gemma4Unified(nn.Module):
     # --- device forward ---
 
     def embed(self, p: Packed) -> torch.Tensor:
+        return self.embed_ids(p.input_ids, p.audio, p.cells, p.cell_positions)
+
+    def embed_ids(
+        self,
+        ids: torch.Tensor,
+        audio: torch.Tensor | None,
+        cells: torch.Tensor | None,
+        cell_positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, H), placeholders filled in row-major order with media."""
         tk = self.cfg.tokens
-        ids = p.input_ids
-        media = (ids == tk.audio) | (ids == tk.image) | (ids == tk.video)
+        img = (ids == tk.image) | (ids == tk.video)
+        aud = ids == tk.audio
         w = self.embed_tokens.weight
         scale = torch.tensor(self.cfg.text.hidden_size**0.5).to(w.dtype)
-        x = F.embedding(torch.where(media, torch.full_like(ids, tk.pad), ids), w) * scale
-        if p.cells is not None and p.cell_positions is not None and self.vision is not None:
-            m = (ids == tk.image) | (ids == tk.video)
-            x = x.masked_scatter(
-                m.unsqueeze(-1), self.vision(p.cells, p.cell_positions).to(x.dtype)
-            )
-        if p.audio is not None and self.audio is not None:
-            m = ids == tk.audio
-            x = x.masked_scatter(m.unsqueeze(-1), self.audio(p.audio).to(x.dtype))
+        x = F.embedding(torch.where(img | aud, torch.full_like(ids, tk.pad), ids), w) * scale
+        if cells is not None and cell_positions is not None and self.vision is not None:
+            x = _fill(x, img, self.vision(cells, cell_positions))
+        if audio is not None and self.audio is not None:
+            x = _fill(x, aud, self.audio(audio))
         return x
 
     def _kv_lengths(self, p: Packed, cache: KVCache) -> dict[bool | None, int]:
@@ -563,8 +578,9 @@ class Gemma4Unified(nn.Module):
             q, k, v = layer.self_attn.project(h, *rope[sliding])
             if past is not None:
                 pk, pv = past[i]
-                kk = torch.cat([pk.to(q.dtype), k], dim=2)
-                vv = torch.cat([pv.to(q.dtype), v], dim=2)
+                # new K/V are rounded to the cache's dtype first, as later steps read them
+                kk = torch.cat([pk, k.to(pk.dtype)], dim=2).to(q.dtype)
+                vv = torch.cat([pv, v.to(pv.dtype)], dim=2).to(q.dtype)
             else:
                 kk, vv = k, v
             if q.shape[1] != kk.shape[1] and torch.onnx.is_in_onnx_export():

@@ -20,9 +20,9 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import av
 import numpy as np
@@ -41,6 +41,12 @@ log = structlog.get_logger(__name__)
 
 # (session id or "" for engine-level work, the work, called on the worker once applied)
 Command = tuple[str, Callable[[Session], Any], Callable[[], None] | None]
+
+
+class StepBackend(Protocol):
+    """What runs a tick's forward: the torch model itself, or ``OnnxStep``."""
+
+    def step(self, rows: Sequence[Append], cache: KVCache) -> torch.Tensor: ...
 
 
 class SessionLimitError(RuntimeError):
@@ -97,8 +103,10 @@ class EngineCore:
         vad_model: SileroModel | None = None,
         tokenizer: Tokenizer | None = None,
         observer: Observer | None = None,
+        backend: StepBackend | None = None,
     ) -> None:
         self.model = model
+        self.backend: StepBackend = backend if backend is not None else model
         self.config = config or EngineConfig()
         self.observer = observer or Observer()
         tok = tokenizer or model.tokenizer
@@ -226,7 +234,7 @@ class EngineCore:
     def _forward(self, rows: list[Append], owners: list[Session]) -> list[int | None]:
         self.forwards += 1
         try:
-            return list(self._greedy(self.model.step(rows, self.cache)))
+            return list(self._greedy(self.backend.step(rows, self.cache)))
         except Exception:
             log.warning("tick.failed_retrying_per_session", rows=len(rows))
         out: list[int | None] = [None] * len(rows)
@@ -234,7 +242,7 @@ class EngineCore:
             idx = [i for i, o in enumerate(owners) if o is s]
             try:
                 self.forwards += 1
-                toks = self._greedy(self.model.step([rows[i] for i in idx], self.cache))
+                toks = self._greedy(self.backend.step([rows[i] for i in idx], self.cache))
             except Exception as e:
                 self.fail(s, e)
                 continue
@@ -395,8 +403,9 @@ class Engine:
         config: EngineConfig | None = None,
         vad_model: SileroModel | None = None,
         observer: Observer | None = None,
+        backend: StepBackend | None = None,
     ) -> None:
-        self.core = EngineCore(model, config, vad_model, observer=observer)
+        self.core = EngineCore(model, config, vad_model, observer=observer, backend=backend)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._wake = threading.Event()

@@ -35,7 +35,12 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(name)s %(message)s")
+
+
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """A logger on the CURRENT ``sys.stderr`` (it may be replaced after configuration)."""
+    return structlog.PrintLogger(sys.stderr)

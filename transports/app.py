@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import structlog
-import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,8 +30,6 @@ from rawcast.transports.security import AccessDenied, api_key, check_origin
 from rawcast.transports.settings import ServerSettings
 
 log = structlog.get_logger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -105,18 +102,24 @@ async def metrics(request: Request) -> Response:
 
 
 def load_engine(settings: ServerSettings, metrics: Metrics) -> tuple[Engine, str]:
-    import rawcast.model as rm
+    from rawcast.transports.runtime import RuntimeOptions, load_model
 
-    model = rm.load(settings.model, device=settings.device, dtype=DTYPES[settings.dtype])
+    opts = RuntimeOptions(
+        model=settings.model, device=settings.device, dtype=settings.dtype,
+        backend=settings.backend, onnx_dir=settings.onnx_dir, threads=settings.threads,
+    )  # fmt: skip
+    model, backend = load_model(opts)
     vad = SileroModel() if settings.vad else None
     config = EngineConfig(max_sessions=settings.max_sessions)
-    return Engine(model, config, vad_model=vad, observer=metrics), settings.model
+    engine = Engine(model, config, vad_model=vad, observer=metrics, backend=backend)
+    return engine, settings.model
 
 
 ROUTE_MODULES = (
     "rawcast.transports.realtime",
     "rawcast.transports.webrtc",
     "rawcast.transports.page",
+    "rawcast.transports.feeds",
 )
 
 

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 
 from rawcast.pipeline.logs import configure_logging
+from rawcast.transports.runtime import add_model_args
 
 log = structlog.get_logger(__name__)
 
@@ -23,6 +24,9 @@ log = structlog.get_logger(__name__)
 COMMAND_MODULES = (
     "rawcast.transports.cli",
     "rawcast.transports.stream",
+    "rawcast.transports.transcribe",
+    "rawcast.transports.narrate",
+    "rawcast.transports.export",
     "rawcast.model.recipe.commands",
 )
 
@@ -42,12 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket/WebRTC server")
     serve.add_argument("--host", default=os.environ.get("RAWCAST_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("RAWCAST_PORT", "8000")))
-    serve.add_argument(
-        "--model", default=os.environ.get("RAWCAST_MODEL", "rawcast-tiny"),
-        help="checkpoint directory or bundled model name (default: rawcast-tiny)",
-    )  # fmt: skip
-    serve.add_argument("--device", default=os.environ.get("RAWCAST_DEVICE", "cpu"))
-    serve.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_model_args(serve)
     serve.add_argument("--max-sessions", type=int, default=8)
     serve.add_argument(
         "--api-key", action="append", default=_env_list("RAWCAST_API_KEYS"),
@@ -75,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = ServerSettings(
         host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
+        backend=args.backend, onnx_dir=args.onnx_dir, threads=args.threads,
         max_sessions=args.max_sessions, api_keys=tuple(args.api_key),
         allowed_origins=tuple(args.allowed_origin), ice_servers=tuple(args.ice_server),
         turn_username=args.turn_username, turn_credential=args.turn_credential,
@@ -88,6 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"rawcast serve: {e}", file=sys.stderr)
         return 2
+    if settings.backend == "onnx" and settings.dtype != "fp32":
+        print("rawcast serve: --backend onnx runs fp32 graphs: use --dtype fp32", file=sys.stderr)
+        return 2
     run_server(settings)
     return 0
 
@@ -100,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rawcast {_version()}")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+        "--log-level", default=None, choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for transcribe and export-onnx)",
+    )  # fmt: skip
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.set_defaults(default_log_level="info")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level or args.default_log_level, args.log_format)
     code: int = args.func(args)
     return code
 

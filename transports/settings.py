@@ -12,6 +12,9 @@ class ServerSettings:
     model: str = "rawcast-tiny"
     device: str = "cpu"
     dtype: str = "fp32"
+    backend: str = "torch"  # or "onnx" (see runtime.py)
+    onnx_dir: str | None = None
+    threads: int = 0
     max_sessions: int = 8
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     allowed_origins: tuple[str, ...] = ()  # browsers from other origins; "*" allows any

@@ -1,0 +1,97 @@
+"""Model, step backend and VAD for a command: the options `serve`, `transcribe` and
+`narrate` share, and one function that loads what they name.
+
+``--backend onnx`` runs the engine's step on onnxruntime: the graph comes from
+``--onnx-dir`` (exported there on first use) or from a per-model directory in the user
+cache (``$XDG_CACHE_HOME/rawcast/onnx``), exported on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only when a model does (keeps `rawcast --help` fast)
+    from rawcast.model.gemma4 import Gemma4Unified
+    from rawcast.pipeline.engine import StepBackend
+    from rawcast.pipeline.vad import SileroModel
+
+DTYPES = ("fp32", "bf16", "fp16")
+BACKENDS = ("torch", "onnx")
+
+
+class RuntimeLoadError(Exception):
+    """A model, graph or backend that cannot be loaded (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    model: str = "rawcast-tiny"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    backend: str = "torch"
+    onnx_dir: str | None = None
+    threads: int = 0
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--model", default=env("RAWCAST_MODEL", "rawcast-tiny"),
+        help="checkpoint directory or bundled model name (default: rawcast-tiny)",
+    )  # fmt: skip
+    p.add_argument("--device", default=env("RAWCAST_DEVICE", "cpu"))
+    p.add_argument("--dtype", default=env("RAWCAST_DTYPE", "fp32"), choices=list(DTYPES))
+    p.add_argument(
+        "--backend", default=env("RAWCAST_BACKEND", "torch"), choices=BACKENDS,
+        help="run the step on torch or onnxruntime (fp32; CUDA provider if installed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--onnx-dir", default=env("RAWCAST_ONNX_DIR"),
+        help="exported graph for --backend onnx (default: exported to the user cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=int(env("RAWCAST_THREADS", "0")),
+        help="torch/onnxruntime CPU threads (0: default)",
+    )  # fmt: skip
+
+
+def options(args: argparse.Namespace) -> RuntimeOptions:
+    return RuntimeOptions(
+        model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+        onnx_dir=args.onnx_dir, threads=args.threads,
+    )  # fmt: skip
+
+
+def load_model(opts: RuntimeOptions) -> tuple[Gemma4Unified, StepBackend]:
+    """The model and what runs its step; ``RuntimeLoadError`` with one line on failure."""
+    import torch
+
+    from rawcast.model.loader import CheckpointError, load
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    if opts.backend == "onnx" and opts.dtype != "fp32":
+        raise RuntimeLoadError("--backend onnx runs fp32 graphs: use --dtype fp32")
+    try:
+        model = load(opts.model, device=opts.device, dtype=dtypes[opts.dtype])
+    except CheckpointError as e:
+        raise RuntimeLoadError(str(e)) from e
+    if opts.backend == "torch":
+        return model, model
+    from rawcast.model.onnx_step import OnnxExportError, OnnxStep, ensure_exported
+
+    try:
+        graph = ensure_exported(model, opts.onnx_dir)
+        return model, OnnxStep(model, graph, threads=opts.threads or None)
+    except (OnnxExportError, OSError) as e:
+        raise RuntimeLoadError(f"--backend onnx: {e}") from e
+
+
+def load_vad(enabled: bool = True) -> SileroModel | None:
+    from rawcast.pipeline.vad import SileroModel
+
+    return SileroModel() if enabled else None

@@ -7,6 +7,11 @@ audio frames at batch 1, plus the KV-cache memory of one slot.
 
     python bench/step.py                       # tiny preset, fp32 and bf16
     python bench/step.py --config 12b-shaped-L6 --dtype bf16 --batches 1 8
+    python bench/step.py --compile             # also rawcast with torch.compile
+
+``--compile`` applies ``torch.compile`` from outside the model code to
+``Gemma4Unified.run_layers`` (the pure tensor part of the step; host bookkeeping
+stays eager) and adds a column for it; the warm-up absorbs compilation.
 """
 
 from __future__ import annotations
@@ -60,8 +65,28 @@ def timeit(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def _row(work: str, rawcast_s: float, hf_s: float, tokens: int) -> str:
-    return f"| {work} | {tokens / rawcast_s:.1f} | {tokens / hf_s:.1f} | {hf_s / rawcast_s:.2f}x |"
+COMPILED: dict[str, Any] = {"on": False}
+
+
+def _row(work: str, rawcast_s: float, hf_s: float, tokens: int, comp_s: float | None = None) -> str:
+    row = f"| {work} | {tokens / rawcast_s:.1f} | {tokens / hf_s:.1f} | {hf_s / rawcast_s:.2f}x |"
+    if comp_s is not None:
+        row += f" {tokens / comp_s:.1f} | {hf_s / comp_s:.2f}x |"
+    return row
+
+
+def timed_both(model: Any, fn: Callable[[], Any], reps: int) -> tuple[float, float | None]:
+    """Seconds per call eager, and with the compiled ``run_layers`` if ``--compile``."""
+    eager = timeit(fn, reps)
+    if not COMPILED["on"]:
+        return eager, None
+    plain = model.run_layers
+    model.run_layers = COMPILED["fn"]
+    try:
+        fn()  # compile for this shape family (not timed)
+        return eager, timeit(fn, reps)
+    finally:
+        model.run_layers = plain
 
 
 def bench_decode(
@@ -96,7 +121,8 @@ def bench_decode(
         with torch.inference_mode():
             hf(input_ids=step_ids, cache=hf_cache, use_cache=True)
 
-    return _row(f"decode batch {b}", timeit(ours, reps), timeit(theirs, reps), b)
+    mine, comp = timed_both(model, ours, reps)
+    return _row(f"decode batch {b}", mine, timeit(theirs, reps), b, comp)
 
 
 def bench_append(
@@ -136,7 +162,8 @@ def bench_append(
                 use_cache=True,
             )
 
-    return _row(f"append {n} audio frames", timeit(ours, reps), timeit(theirs, reps), n)
+    mine, comp = timed_both(model, ours, reps)
+    return _row(f"append {n} audio frames", mine, timeit(theirs, reps), n, comp)
 
 
 def bench_config(
@@ -146,15 +173,22 @@ def bench_config(
     hf = hf_model(name, dtype)
     cfg = preset(name)
     model = from_state_dict(cfg, hf.state_dict(), dtype=dtype)
-    full = PROMPT + max(appends, default=0) * (reps + 2) + 64
+    if COMPILED["on"]:
+        COMPILED["fn"] = torch.compile(model.run_layers, dynamic=True)
+    # both caches grow by n per timed call (warm-ups, eager and compiled runs)
+    full = PROMPT + max(appends, default=0) * (2 * reps + 4) + 64
     spec = CacheSpec(slots=max(batches), full_capacity=full, branch_room=256)
     mib = slot_bytes(cfg.text, spec, dtype) / 2**20
     print(
         f"\n## {name} {dtype_name}: one slot's KV cache = {mib:.2f} MiB (window "
         f"{cfg.text.sliding_window} + branch {spec.branch_room}, full {spec.full_capacity})"
     )
-    print("| work | rawcast tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|")
+    if COMPILED["on"]:
+        print("| work | rawcast tok/s | transformers tok/s | ratio | compiled tok/s | ratio |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print("| work | rawcast tok/s | transformers tok/s | ratio |")
+        print("|---|---|---|---|")
     prompt_ids = torch.randint(3, 200, (PROMPT,), generator=torch.Generator().manual_seed(0))
     for b in batches:
         print(bench_decode(model, hf, spec, dtype, b, prompt_ids, reps), flush=True)
@@ -172,7 +206,9 @@ def main() -> None:
     ap.add_argument("--appends", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     args = ap.parse_args()
+    COMPILED["on"] = args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random weights drive activations into denormals on CPU

@@ -50,6 +50,9 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.get_running_loop().create_task(run())
 
 
+SHUTDOWN_AFTER_DRAIN_S = 5
+
+
 def run_server(settings: ServerSettings) -> None:
     app = create_app(settings)
     config = uvicorn.Config(
@@ -59,6 +62,8 @@ def run_server(settings: ServerSettings) -> None:
         ws="websockets-sansio",
         log_config=None,
         ws_max_size=settings.max_message_bytes,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        # uvicorn's own wait comes AFTER our drain (which has its own deadline): keep it
+        # short so that a stop takes about drain_timeout_s, not a multiple of it
+        timeout_graceful_shutdown=SHUTDOWN_AFTER_DRAIN_S,
     )
     DrainingServer(config, app.state.rawcast).run()

@@ -55,16 +55,6 @@ def hf_model(name: str, dtype: torch.dtype) -> Any:
     return model.eval()
 
 
-def timeit(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 COMPILED: dict[str, Any] = {"on": False}
 
 
@@ -75,18 +65,33 @@ def _row(work: str, rawcast_s: float, hf_s: float, tokens: int, comp_s: float | 
     return row
 
 
-def timed_both(model: Any, fn: Callable[[], Any], reps: int) -> tuple[float, float | None]:
-    """Seconds per call eager, and with the compiled ``run_layers`` if ``--compile``."""
-    eager = timeit(fn, reps)
-    if not COMPILED["on"]:
-        return eager, None
+def interleaved(
+    model: Any, ours: Callable[[], Any], theirs: Callable[[], Any], reps: int
+) -> tuple[float, float, float | None]:
+    """Median seconds per call of rawcast eager, transformers and (``--compile``) rawcast
+    compiled, measured round-robin (one call of each per round) so that a machine whose
+    load drifts during the run slows all three alike."""
     plain = model.run_layers
-    model.run_layers = COMPILED["fn"]
-    try:
-        fn()  # compile for this shape family (not timed)
-        return eager, timeit(fn, reps)
-    finally:
-        model.run_layers = plain
+    compiled = COMPILED.get("fn") if COMPILED["on"] else None
+
+    def comp() -> None:
+        model.run_layers = compiled
+        try:
+            ours()
+        finally:
+            model.run_layers = plain
+
+    fns: list[Callable[[], Any]] = [ours, theirs] + ([comp] if compiled else [])
+    for fn in fns:
+        fn()  # warm-up (and compilation, not timed)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    med = [statistics.median(t) for t in times]
+    return med[0], med[1], (med[2] if compiled else None)
 
 
 def bench_decode(
@@ -121,8 +126,8 @@ def bench_decode(
         with torch.inference_mode():
             hf(input_ids=step_ids, cache=hf_cache, use_cache=True)
 
-    mine, comp = timed_both(model, ours, reps)
-    return _row(f"decode batch {b}", mine, timeit(theirs, reps), b, comp)
+    mine, hf_s, comp = interleaved(model, ours, theirs, reps)
+    return _row(f"decode batch {b}", mine, hf_s, b, comp)
 
 
 def bench_append(
@@ -162,8 +167,8 @@ def bench_append(
                 use_cache=True,
             )
 
-    mine, comp = timed_both(model, ours, reps)
-    return _row(f"append {n} audio frames", mine, timeit(theirs, reps), n, comp)
+    mine, hf_s, comp = interleaved(model, ours, theirs, reps)
+    return _row(f"append {n} audio frames", mine, hf_s, n, comp)
 
 
 def bench_config(

@@ -163,6 +163,12 @@ def draft(
         rows = [Append(s.slot, [s.token], branch=s.branch) for s in streams]
         hidden = torch.stack([s.hidden for s in streams])
         drafts = drafter.propose(model, cache, rows, hidden, max(ks), suppress).tolist()
+        if suppress is not None:  # never accepted, and a media id would need media: cut there
+            banned = set(suppress.tolist())
+            ks = [
+                next((j for j, t in enumerate(d[:k]) if t in banned), k)
+                for d, k in zip(drafts, ks, strict=True)
+            ]
     return [
         Append(s.slot, [s.token, *d[:k]], branch=s.branch)
         for s, d, k in zip(streams, drafts, ks, strict=True)

@@ -8,6 +8,15 @@ forward; greedy tokens are routed back to their branches. An error in one
 session's work ends that session with an error event; the others go on (the
 failed tick is retried per session to find the culprit).
 
+With a drafter (speculative greedy decoding, ``model/speculative.py``) every open
+branch past its prompt decodes as a ``Stream``: each tick ONE batched ``draft``
+call turns the branches' one-token rows into verify rows ``[token, d1 .. dk]``,
+which join the other rows in the SAME single forward (``model.step_hidden``; plain
+rows take ``head`` of their last hidden state); ``accept`` keeps the agreeing
+drafts, rolls the branch buffer back past the rest and returns the tokens to route,
+possibly several per tick. The emitted tokens are exactly plain greedy decoding's
+(up to floating-point reduction order), in fewer ticks when drafts are accepted.
+
 ``Engine`` runs a core on one worker thread that owns the model and exposes an
 asyncio API (``open_session``, ``SessionHandle.push_audio`` ...). Calls from the
 event loop only enqueue commands; framing, VAD, patching and model steps all run
@@ -32,6 +41,7 @@ import torch
 from rawcast.model.cache import CacheSpec, KVCache
 from rawcast.model.gemma4 import Append, Gemma4Unified
 from rawcast.model.prompt import PromptFormat
+from rawcast.model.speculative import Proposer, SpecConfig, Stream, accept, draft
 from rawcast.model.tokenizer import Tokenizer
 from rawcast.pipeline.media import ClosedEvent, ErrorEvent, Event
 from rawcast.pipeline.session import Session, SessionConfig, Tasks
@@ -104,10 +114,19 @@ class EngineCore:
         tokenizer: Tokenizer | None = None,
         observer: Observer | None = None,
         backend: StepBackend | None = None,
+        drafter: Proposer | None = None,
+        spec: SpecConfig | None = None,
     ) -> None:
         self.model = model
         self.backend: StepBackend = backend if backend is not None else model
         self.config = config or EngineConfig()
+        if drafter is not None and self.backend is not model:
+            raise ValueError(
+                "speculative decoding (a drafter) needs the torch backend: "
+                f"{type(self.backend).__name__} has no step_hidden"
+            )
+        self.drafter = drafter
+        self.spec = spec or SpecConfig()
         self.observer = observer or Observer()
         tok = tokenizer or model.tokenizer
         if tok is None:
@@ -115,23 +134,47 @@ class EngineCore:
         self.tok = tok
         self.fmt = PromptFormat(tok)
         self.vad_model = vad_model
-        spec = CacheSpec(
+        cache_spec = CacheSpec(
             slots=self.config.max_sessions,
             full_capacity=self.config.full_capacity(),
             branch_room=self.config.branch_room,
             branches=3 * self.config.max_sessions,
         )
-        self.cache = KVCache(model.cfg.text, spec, device=model.device, dtype=model.dtype)
+        self.cache = KVCache(model.cfg.text, cache_spec, device=model.device, dtype=model.dtype)
         self.free_slots = list(range(self.config.max_sessions))
         self.sessions: dict[str, Session] = {}
         self._rr = 0
         self.forwards = 0
         self.ticks = 0
+        self.draft_calls = 0  # batched drafter calls (the drafter's forwards, not in ``forwards``)
+        self.drafted = 0  # draft tokens verified
+        self.accepted = 0  # ... and accepted by the target
+        self._streams: dict[int, Stream] = {}  # branch buffer -> its speculative decode
         ids = model.cfg.tokens
         self._suppress = torch.tensor(
             sorted({ids.eoa, ids.eoi, ids.boa, ids.boi, ids.audio, ids.image, ids.video, ids.pad}),
             device=model.device,
         )
+        if drafter is not None:
+            self._check_branch_room(SessionConfig())
+
+    @property
+    def acceptance(self) -> float:
+        """Share of drafted tokens the target accepted (0 without a drafter)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def _check_branch_room(self, config: SessionConfig) -> None:
+        """With a drafter, a branch buffer must hold the prompt, the longest decode and the
+        rejected drafts of a full-length verify row (``max_new_tokens + prompt + k_max + 1``)."""
+        prompts = [self.fmt.branch(t, lang) for t, lang in config.tasks.audio_tasks()]
+        prompts += [self.fmt.branch("caption")]
+        need = max(map(len, prompts)) + config.max_new_tokens + self.spec.k_max + 1
+        if self.config.branch_room < need:
+            raise ValueError(
+                f"branch_room {self.config.branch_room} is too small for speculative decoding: "
+                f"need {need} (prompt {need - config.max_new_tokens - self.spec.k_max - 1} + "
+                f"max_new_tokens {config.max_new_tokens} + k_max {self.spec.k_max} + 1)"
+            )
 
     # --- sessions ---
 
@@ -152,6 +195,8 @@ class EngineCore:
                 f"max_soft_tokens {config.max_soft_tokens} exceeds the engine's "
                 f"max_image_tokens {self.config.max_image_tokens}"
             )
+        if self.drafter is not None:
+            self._check_branch_room(config)
         if not self.free_slots:
             raise SessionLimitError(
                 f"all {self.config.max_sessions} session slots are in use; try again later"
@@ -172,6 +217,8 @@ class EngineCore:
             s.close(self.cache)
         if self.sessions.pop(s.id, None) is not None:
             self.free_slots.append(s.slot)
+        for buf in s.buffers:
+            self._streams.pop(buf, None)
 
     def fail(self, s: Session, exc: BaseException) -> None:
         log.error("session.failed", session_id=s.id, error=repr(exc))
@@ -212,20 +259,126 @@ class EngineCore:
         if not rows:
             return 0
         t0 = time.perf_counter()
-        tokens = self._forward(rows, owners)
+        if self.drafter is not None:
+            self._speculative_tick(rows, owners)
+        else:
+            tokens = self._forward(rows, owners)
+            for r, s, tok in zip(rows, owners, tokens, strict=True):
+                self._route(s, r, None if tok is None else [tok])
         self.observer.tick(len(rows), time.perf_counter() - t0)
         if self.ticks % 25 == 0:
             lag = sum(s.pending_frames() > 25 for s in self.sessions.values())
             self.observer.lagging(lag)
-        for r, s, tok in zip(rows, owners, tokens, strict=True):
-            if s.closed or tok is None or r.branch is None:
-                continue
-            try:
-                s.on_token(r, tok, self.cache)
-            except Exception as e:
-                self.fail(s, e)
         self.ticks += 1
         return len(rows)
+
+    def _route(self, s: Session, row: Append, tokens: list[int] | None) -> None:
+        """Hand a branch row's greedy tokens to its session (in order)."""
+        if s.closed or tokens is None or row.branch is None:
+            return
+        try:
+            s.on_tokens(row, tokens, self.cache)
+        except Exception as e:
+            self.fail(s, e)
+
+    # --- speculative decoding (with a drafter) ---
+
+    def _streams_for(self, rows: list[Append], owners: list[Session]) -> list[int]:
+        """Indices of the rows that decode a branch as a ``Stream``, budgets updated."""
+        out = []
+        for i, (r, s) in enumerate(zip(rows, owners, strict=True)):
+            st = None if r.branch is None else self._streams.get(r.branch)
+            b = None if r.branch is None else s.branch(r.branch)
+            if st is None or b is None or b.fed == 0 or st.slot != r.slot:
+                continue
+            if len(r.tokens) != 1 or int(torch.as_tensor(r.tokens).reshape(-1)[0]) != st.token:
+                continue
+            st.budget = s.config.max_new_tokens - len(b.generated)
+            out.append(i)
+        return out
+
+    def _draft(self, rows: list[Append], owners: list[Session], spec: list[int]) -> None:
+        """Replace the streams' rows by their verify rows, drafted in ONE drafter call."""
+        streams = [self._streams[rows[i].branch] for i in spec]  # type: ignore[index]
+        try:
+            verify = draft(self.drafter, self.model, self.cache, streams, self._suppress)
+            self.draft_calls += any(len(v.tokens) > 1 for v in verify)  # k = 0: no call
+            for i, v in zip(spec, verify, strict=True):
+                rows[i] = v
+            return
+        except Exception:  # find the culprit: draft per session (its rows stay plain)
+            log.warning("draft.failed_retrying_per_session", rows=len(spec))
+        for s in dict.fromkeys(owners[i] for i in spec):
+            mine = [j for j, i in enumerate(spec) if owners[i] is s]
+            try:
+                self.draft_calls += 1
+                got = draft(
+                    self.drafter, self.model, self.cache, [streams[j] for j in mine], self._suppress
+                )
+            except Exception as e:
+                self.fail(s, e)
+                continue
+            for j, v in zip(mine, got, strict=True):
+                rows[spec[j]] = v
+
+    def _speculative_tick(self, rows: list[Append], owners: list[Session]) -> None:
+        spec = self._streams_for(rows, owners)
+        if spec:
+            self._draft(rows, owners, spec)
+            if any(s.closed for s in owners):  # a session failed in the drafter: drop its rows
+                keep = [i for i, s in enumerate(owners) if not s.closed]
+                spec = [keep.index(i) for i in spec if not owners[i].closed]
+                rows[:] = [rows[i] for i in keep]
+                owners[:] = [owners[i] for i in keep]
+        if not rows:
+            return
+        hidden = self._forward_hidden(rows, owners)
+        stop = self.fmt.stop_ids
+        # plain branch rows (prompts): head of the last hidden state; start their streams
+        verifying = set(spec)
+        plain = [
+            i
+            for i, r in enumerate(rows)
+            if r.branch is not None and hidden[i] is not None and i not in verifying
+        ]
+        if plain:
+            last = torch.stack([hidden[i][-1] for i in plain])  # type: ignore[index]
+            for i, h, tok in zip(plain, last, self._greedy(self.model.head(last)), strict=True):
+                r, s = rows[i], owners[i]
+                assert r.branch is not None
+                self._route(s, r, [tok])
+                b = None if s.closed else s.branch(r.branch)
+                if b is None:
+                    self._streams.pop(r.branch, None)
+                    continue
+                budget = s.config.max_new_tokens - len(b.generated)
+                self._streams[r.branch] = Stream.start(r, h.clone(), tok, self.spec.k, budget)
+        # verify rows: accept, then route every emitted token
+        live = [i for i in spec if hidden[i] is not None]
+        if not live:
+            return
+        width = max(len(rows[i].tokens) for i in live)
+        h = hidden[live[0]]
+        assert h is not None
+        padded = h.new_zeros((len(live), width, h.shape[-1]))
+        for j, i in enumerate(live):
+            hi = hidden[i]
+            assert hi is not None
+            padded[j, : hi.shape[0]] = hi
+        streams = [self._streams[rows[i].branch] for i in live]  # type: ignore[index]
+        before = [(st.drafted, st.accepted) for st in streams]
+        emitted = accept(
+            self.model, self.cache, streams, [rows[i] for i in live], padded,
+            self.spec, stop, self._suppress,
+        )  # fmt: skip
+        for i, st, toks, (d0, a0) in zip(live, streams, emitted, before, strict=True):
+            self.drafted += st.drafted - d0
+            self.accepted += st.accepted - a0
+            r, s = rows[i], owners[i]
+            assert r.branch is not None
+            self._route(s, r, toks)
+            if st.done or s.closed or s.branch(r.branch) is None:
+                self._streams.pop(r.branch, None)
 
     def _greedy(self, logits: torch.Tensor) -> list[int]:
         logits = logits.index_fill(-1, self._suppress, float("-inf"))
@@ -248,6 +401,30 @@ class EngineCore:
                 continue
             for i, t in zip(idx, toks, strict=True):
                 out[i] = t
+        return out
+
+    def _forward_hidden(
+        self, rows: list[Append], owners: list[Session]
+    ) -> list[torch.Tensor | None]:
+        """``_forward`` for a speculative tick: each row's hidden states (T_i, H), None
+        for the rows of a session whose step failed."""
+        self.forwards += 1
+        try:
+            h = self.model.step_hidden(rows, self.cache)
+            return [h[i, : len(r.tokens)] for i, r in enumerate(rows)]
+        except Exception:
+            log.warning("tick.failed_retrying_per_session", rows=len(rows))
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for s in dict.fromkeys(owners):
+            idx = [i for i, o in enumerate(owners) if o is s]
+            try:
+                self.forwards += 1
+                h = self.model.step_hidden([rows[i] for i in idx], self.cache)
+            except Exception as e:
+                self.fail(s, e)
+                continue
+            for j, i in enumerate(idx):
+                out[i] = h[j, : len(rows[i].tokens)]
         return out
 
     def run_until_idle(self, max_ticks: int = 1_000_000) -> int:
@@ -404,8 +581,13 @@ class Engine:
         vad_model: SileroModel | None = None,
         observer: Observer | None = None,
         backend: StepBackend | None = None,
+        drafter: Proposer | None = None,
+        spec: SpecConfig | None = None,
     ) -> None:
-        self.core = EngineCore(model, config, vad_model, observer=observer, backend=backend)
+        self.core = EngineCore(
+            model, config, vad_model, observer=observer, backend=backend,
+            drafter=drafter, spec=spec,
+        )  # fmt: skip
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._wake = threading.Event()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -455,18 +455,34 @@ class Session:
                 rows.append(Append(self.slot, [b.generated[-1]], branch=b.buffer))
         return rows
 
+    def branch(self, buffer: int) -> Branch | None:
+        """The open branch decoding in ``buffer`` (None if there is none)."""
+        return next((b for b in self.branches if b.buffer == buffer and not b.done), None)
+
     def on_token(self, row: Append, token: int, cache: KVCache) -> None:
         """The greedy token predicted after ``row`` (a branch row of this session)."""
+        self.on_tokens(row, [token], cache)
+
+    def on_tokens(self, row: Append, tokens: Sequence[int], cache: KVCache) -> None:
+        """Greedy tokens emitted after ``row``, in order: one after a plain row, several
+        after a speculative verify row (``model/speculative.py``), whose accepted tokens
+        are in the branch buffer now. Token j is handled as plain greedy decoding would
+        handle it, one row per token: the buffer then held ``len(tokens) - 1 - j`` fewer
+        tokens than it does now. Tokens after the branch is done are ignored."""
         b = next(x for x in self.branches if x.buffer == row.branch)
-        b.fed += len(row.tokens) if not isinstance(row.tokens, torch.Tensor) else row.tokens.numel()
-        stop = token in self.fmt.stop_ids
-        if not stop:
-            b.generated.append(token)
-        room = cache.spec.branch_room - cache.branch_length(b.buffer)
-        if stop or len(b.generated) >= self.config.max_new_tokens or room < 1:
-            b.done = True
-        if all(x.done for x in self.branches):
-            self._finish_branches(cache)
+        end = cache.branch_length(b.buffer) - len(tokens)
+        for j, token in enumerate(tokens):
+            if b.done:
+                return
+            b.fed = end + j + 1  # tokens in the buffer when plain greedy emits this one
+            stop = token in self.fmt.stop_ids
+            if not stop:
+                b.generated.append(token)
+            room = cache.spec.branch_room - b.fed
+            if stop or len(b.generated) >= self.config.max_new_tokens or room < 1:
+                b.done = True
+            if all(x.done for x in self.branches):
+                self._finish_branches(cache)
 
     def _finish_branches(self, cache: KVCache) -> None:
         for b in self.branches:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from drafter_helpers import make_hf_drafter
 from hf_reference import make_hf_model
 from safetensors.torch import load_file, save_file
 
@@ -37,44 +38,6 @@ SUPPRESS = torch.tensor([0, 1, 2, *range(290, 297)])  # pad, eos, bos, media ids
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-def make_hf_drafter(path: Path, seed: int = 1, **overrides: Any) -> Any:
-    """A random tiny ``Gemma4UnifiedAssistantForCausalLM`` for the tiny target, saved."""
-    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
-
-    text = dict(
-        model_type="gemma4_unified_text",
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        global_head_dim=32,
-        num_global_key_value_heads=1,
-        attention_k_eq_v=True,
-        sliding_window=WINDOW,
-    )
-    torch.manual_seed(seed)
-    cfg = Gemma4UnifiedAssistantConfig(text_config=text, backbone_hidden_size=64, **overrides)
-    cfg._attn_implementation = "eager"
-    model = Gemma4UnifiedAssistantForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.5 + 0.3 * (torch.rand(p.shape, generator=g) - 0.5))
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-        for layer in model.model.layers:
-            layer.layer_scalar.fill_(0.5 + float(torch.rand(1, generator=g)))
-        if model.masked_embedding is not None:
-            model.masked_embedding.token_ordering.copy_(torch.randperm(300, generator=g))
-    model.save_pretrained(path)
-    return model
 
 
 @dataclasses.dataclass

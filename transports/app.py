@@ -102,16 +102,20 @@ async def metrics(request: Request) -> Response:
 
 
 def load_engine(settings: ServerSettings, metrics: Metrics) -> tuple[Engine, str]:
-    from rawcast.transports.runtime import RuntimeOptions, load_model
+    from rawcast.transports.runtime import RuntimeOptions, load_drafter, load_model
 
     opts = RuntimeOptions(
         model=settings.model, device=settings.device, dtype=settings.dtype,
         backend=settings.backend, onnx_dir=settings.onnx_dir, threads=settings.threads,
+        drafter=settings.drafter,
     )  # fmt: skip
     model, backend = load_model(opts)
+    drafter = load_drafter(opts, model)
     vad = SileroModel() if settings.vad else None
     config = EngineConfig(max_sessions=settings.max_sessions)
-    engine = Engine(model, config, vad_model=vad, observer=metrics, backend=backend)
+    engine = Engine(
+        model, config, vad_model=vad, observer=metrics, backend=backend, drafter=drafter
+    )
     return engine, settings.model
 
 

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 
 from rawcast.pipeline.logs import configure_logging
-from rawcast.transports.runtime import add_model_args
+from rawcast.transports.runtime import RuntimeLoadError, add_model_args, check_drafter, options
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allowed_origin), ice_servers=tuple(args.ice_server),
         turn_username=args.turn_username, turn_credential=args.turn_credential,
         max_sessions_per_key=args.max_sessions_per_key, drain_timeout_s=args.drain_timeout,
-        vad=not args.no_vad,
+        vad=not args.no_vad, drafter=args.drafter,
     )  # fmt: skip
     from rawcast.model.loader import CheckpointError, resolve
 
@@ -90,6 +90,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if settings.backend == "onnx" and settings.dtype != "fp32":
         print("rawcast serve: --backend onnx runs fp32 graphs: use --dtype fp32", file=sys.stderr)
+        return 2
+    try:
+        check_drafter(options(args))
+    except RuntimeLoadError as e:
+        print(f"rawcast serve: {e}", file=sys.stderr)
         return 2
     run_server(settings)
     return 0

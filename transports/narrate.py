@@ -39,7 +39,13 @@ from typing import Any
 import av
 import structlog
 
-from rawcast.transports.runtime import RuntimeLoadError, add_model_args, load_model, options
+from rawcast.transports.runtime import (
+    RuntimeLoadError,
+    add_model_args,
+    load_drafter,
+    load_model,
+    options,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +82,7 @@ def _main(args: argparse.Namespace) -> int:
             if not c.streams.video:
                 raise NarrateError(f"{src.spec} has no video stream", EXIT_INPUT)
         model, backend = load_model(options(args))
+        drafter = load_drafter(options(args), model)
     except RuntimeLoadError as e:
         print(f"rawcast narrate: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -97,7 +104,10 @@ def _main(args: argparse.Namespace) -> int:
             s.send(ev)
 
     try:
-        narrate(model, backend, src, out, args.interval, args.transcribe, args.retries, stop)
+        narrate(
+            model, backend, src, out, args.interval, args.transcribe, args.retries, stop,
+            drafter=drafter,
+        )  # fmt: skip
     except NarrateError as e:
         print(f"rawcast narrate: {e}", file=sys.stderr)
         return e.code
@@ -224,8 +234,11 @@ def narrate(
     transcribe: bool = False,
     retries: int = -1,
     stop: threading.Event | None = None,
+    drafter: Any = None,
 ) -> None:
-    """Caption ``src`` until it ends (or ``stop``); each final event goes to ``out``."""
+    """Caption ``src`` until it ends (or ``stop``); each final event goes to ``out``.
+
+    ``drafter``: an MTP drafter for speculative decoding (``EngineCore(drafter=...)``)."""
     from rawcast.pipeline.engine import EngineCore
     from rawcast.pipeline.media import ErrorEvent, TextEvent
     from rawcast.pipeline.session import SessionConfig, Tasks
@@ -233,7 +246,7 @@ def narrate(
     from rawcast.transports.runtime import load_vad
 
     stop = stop or threading.Event()
-    core = EngineCore(model, vad_model=load_vad(transcribe), backend=backend)
+    core = EngineCore(model, vad_model=load_vad(transcribe), backend=backend, drafter=drafter)
     config = SessionConfig(
         tasks=Tasks(transcribe=transcribe, caption=True),
         caption_interval_s=interval,

@@ -15,6 +15,7 @@ class ServerSettings:
     backend: str = "torch"  # or "onnx" (see runtime.py)
     onnx_dir: str | None = None
     threads: int = 0
+    drafter: str | None = None  # MTP drafter checkpoint (speculative decoding, torch backend)
     max_sessions: int = 8
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     allowed_origins: tuple[str, ...] = ()  # browsers from other origins; "*" allows any

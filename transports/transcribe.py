@@ -84,9 +84,12 @@ def _main(args: argparse.Namespace) -> int:
         outputs = _outputs(args.files, args.output, args.format)
         model, backend = load_model(options(args))
         from rawcast.pipeline.engine import EngineCore
-        from rawcast.transports.runtime import load_vad
+        from rawcast.transports.runtime import load_drafter, load_vad
 
-        core = EngineCore(model, vad_model=load_vad(not args.no_vad), backend=backend)
+        core = EngineCore(
+            model, vad_model=load_vad(not args.no_vad), backend=backend,
+            drafter=load_drafter(options(args), model),
+        )  # fmt: skip
         for f, out in zip(args.files, outputs, strict=True):
             t = transcribe_file(core, f, args.translate, args.captions, not args.quiet)
             text = render(t, args.format)

@@ -8,6 +8,13 @@ tokens/s, the acceptance rate, target forwards, and at batch 1 the final-text la
 (closing tokens appended -> last token decoded), a model-level proxy for the
 engine's end-of-speech-to-final-text time.
 
+Then the engine (``EngineCore`` with and without ``drafter=``, same run): S sessions
+(transcription + translation, no VAD) get the fixture speech and decode its partial
+texts; then ``commit()`` ends their speech and the time until each session's last
+final text event is measured (the end-of-speech-to-final-text latency users see),
+with the ticks that took and the acceptance rate; final texts are checked equal.
+The engine needs a tokenizer: it runs ``--model`` or the bundled ``rawcast-tiny``.
+
 Without ``--drafter`` the drafter is random (acceptance near 1/vocab: the figures
 then show the overhead, not a speed-up); ``--model``/``--drafter`` take checkpoints.
 
@@ -20,8 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import statistics
 import time
+from pathlib import Path
 
+import av
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from rawcast.model import CacheSpec, KVCache, loader, preset
@@ -30,6 +42,11 @@ from rawcast.model.drafter import Drafter, DrafterConfig
 from rawcast.model.drafter import load as load_drafter
 from rawcast.model.gemma4 import Append, Gemma4Unified
 from rawcast.model.speculative import SpecConfig, generate, greedy
+from rawcast.pipeline.engine import EngineConfig, EngineCore
+from rawcast.pipeline.media import Event, TextEvent
+from rawcast.pipeline.session import SessionConfig, Tasks
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fox-espeak-en-us.wav"
 
 
 def random_target(seed: int = 0) -> Gemma4Unified:
@@ -107,6 +124,68 @@ def run(
     return out
 
 
+def speech() -> npt.NDArray[np.float32]:
+    """The test fixture (an espeak sentence), 16 kHz mono float32."""
+    with av.open(str(FIXTURE)) as c:
+        parts = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
+    return (np.concatenate(parts).astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def engine_run(
+    model: Gemma4Unified, drafter: Drafter | None, sessions: int, spec: SpecConfig
+) -> dict[str, object]:
+    """End of speech (``commit``) -> last final text event, per session (one segment each)."""
+    core = EngineCore(model, EngineConfig(max_sessions=sessions), drafter=drafter, spec=spec)
+    cfg = SessionConfig(tasks=Tasks(transcribe=True, translate="Spanish"), vad=None)
+    finals: list[dict[int, tuple[float, str]]] = []
+    pcm = speech()
+    for _ in range(sessions):
+        seen: dict[int, tuple[float, str]] = {}
+        finals.append(seen)
+
+        def emit(ev: Event, seen: dict[int, tuple[float, str]] = seen) -> None:
+            if isinstance(ev, TextEvent) and ev.final:
+                seen[len(seen)] = (time.perf_counter(), ev.text)
+
+        core.open(cfg, emit=emit).push_audio(pcm, 16000)
+    while core.has_work():  # frames and partial decodes, up to the end of speech
+        core.step()
+    ticks0, drafted0, accepted0 = core.ticks, core.drafted, core.accepted
+    t0 = time.perf_counter()
+    for s in core.sessions.values():
+        s.commit()
+    while core.has_work():
+        core.step()
+    lat = [max(t for t, _ in f.values()) - t0 for f in finals]
+    drafted = core.drafted - drafted0
+    return {
+        "latency_ms": 1e3 * statistics.mean(lat),
+        "ticks": core.ticks - ticks0,
+        "acceptance": (core.accepted - accepted0) / drafted if drafted else 0.0,
+        "texts": [[f[i][1] for i in sorted(f)] for f in finals],
+    }
+
+
+def engine_table(
+    model: Gemma4Unified, drafter: Drafter, sessions: list[int], spec: SpecConfig
+) -> None:
+    print(
+        "\n# engine: commit() -> last final text event (transcribe + translate, fixture speech),"
+        " mean over sessions"
+    )
+    print("sessions  latency ms plain/spec  ticks plain/spec  acceptance")
+    for n in sessions:
+        engine_run(model, drafter, n, spec)  # warm-up
+        plain = engine_run(model, None, n, spec)
+        sp = engine_run(model, drafter, n, spec)
+        if plain["texts"] != sp["texts"]:
+            raise AssertionError("the engine's final texts differ with the drafter")
+        print(
+            f"{n:8d}  {plain['latency_ms']:10.1f}/{sp['latency_ms']:<12.1f} "
+            f"{plain['ticks']:5}/{sp['ticks']:<10} {sp['acceptance']:10.1%}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,12 +200,20 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--k-max", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--sessions", nargs="+", type=int, default=[1, 4], help="engine sessions (0: skip)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = loader.load(args.model) if args.model else random_target()
     drafter = load_drafter(args.drafter, target=model) if args.drafter else random_drafter(model)
     spec = SpecConfig(k=args.k, k_min=1, k_max=args.k_max)
+    if not args.drafter:
+        print(
+            "# NOTE: random drafter: acceptance is near zero, so these figures show the "
+            "overhead of speculation, not its speed-up (pass --drafter for a trained one)"
+        )
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; target {args.model or 'random tiny'}, "
@@ -141,6 +228,19 @@ def main() -> None:
             f"{r['plain_forwards']:8.0f}/{r['spec_forwards']:<10.0f} "
             f"{r['plain_latency_ms']:8.1f}/{r['spec_latency_ms']:.1f}"
         )
+    sessions = [n for n in args.sessions if n > 0]
+    if sessions:
+        engine_model = model if args.model else loader.load("rawcast-tiny")
+        engine_drafter = (
+            drafter
+            if args.model
+            else load_drafter(args.drafter, target=engine_model)
+            if args.drafter
+            else random_drafter(engine_model)
+        )
+        what = args.drafter or "random (acceptance ~0: overhead only, no speed-up)"
+        print(f"# engine target {args.model or 'rawcast-tiny'}, drafter {what}")
+        engine_table(engine_model, engine_drafter, sessions, spec)
 
 
 if __name__ == "__main__":

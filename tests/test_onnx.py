@@ -129,3 +129,9 @@ def test_backend_onnx_needs_fp32(capsys: pytest.CaptureFixture[str]) -> None:
     wav = str(FIXTURES / "heldout_ked_diphone.wav")
     assert main(["transcribe", wav, "--backend", "onnx", "--dtype", "bf16"]) == 2
     assert "use --dtype fp32" in capsys.readouterr().err
+
+
+def test_compile_is_for_the_torch_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    wav = str(FIXTURES / "heldout_ked_diphone.wav")
+    assert main(["transcribe", wav, "--backend", "onnx", "--compile"]) == 2
+    assert "--compile applies to --backend torch only" in capsys.readouterr().err

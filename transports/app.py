@@ -107,7 +107,7 @@ def load_engine(settings: ServerSettings, metrics: Metrics) -> tuple[Engine, str
     opts = RuntimeOptions(
         model=settings.model, device=settings.device, dtype=settings.dtype,
         backend=settings.backend, onnx_dir=settings.onnx_dir, threads=settings.threads,
-        drafter=settings.drafter,
+        drafter=settings.drafter, compile=settings.compile,
     )  # fmt: skip
     model, backend = load_model(opts)
     drafter = load_drafter(opts, model)

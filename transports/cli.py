@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allowed_origin), ice_servers=tuple(args.ice_server),
         turn_username=args.turn_username, turn_credential=args.turn_credential,
         max_sessions_per_key=args.max_sessions_per_key, drain_timeout_s=args.drain_timeout,
-        vad=not args.no_vad, drafter=args.drafter,
+        vad=not args.no_vad, drafter=args.drafter, compile=args.compile,
     )  # fmt: skip
     from rawcast.model.loader import CheckpointError, resolve
 

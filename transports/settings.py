@@ -16,6 +16,7 @@ class ServerSettings:
     onnx_dir: str | None = None
     threads: int = 0
     drafter: str | None = None  # MTP drafter checkpoint (speculative decoding, torch backend)
+    compile: bool = False  # torch.compile the decoder stack
     max_sessions: int = 8
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     allowed_origins: tuple[str, ...] = ()  # browsers from other origins; "*" allows any

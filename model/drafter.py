@@ -31,7 +31,6 @@ conventions: memory-mapped safetensors, one tensor at a time, errors naming the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from rawcast.model.gemma4 import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from rawcast.model.loader import CheckpointError, _file_items, resolve
+from rawcast.model.loader import CheckpointError, _file_items, read_config, resolve
 
 ASSISTANT = "gemma4_unified_assistant"
 
@@ -323,17 +322,7 @@ def canonical_key(key: str) -> str | None:
 
 
 def load_config(path: Path) -> DrafterConfig:
-    f = path / "config.json"
-    try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{f} is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON: {e}") from None
-    try:
-        return DrafterConfig.from_dict(d)
-    except ConfigError as e:
-        raise CheckpointError(f"{f}: {e}") from None
+    return read_config(path, DrafterConfig.from_dict)
 
 
 def _assign(

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from rawcast.model.config import ConfigError, ModelConfig
 from rawcast.model.gemma4 import Gemma4Unified, rope_inv_freq
 from rawcast.model.tokenizer import Tokenizer
+
+C = TypeVar("C")
 
 
 class CheckpointError(ValueError):
@@ -76,7 +79,8 @@ def resolve(path_or_name: str | Path) -> Path:
     return p
 
 
-def load_config(path: Path) -> ModelConfig:
+def read_config(path: Path, parse: Callable[[dict[str, Any]], C]) -> C:
+    """``parse(config.json)``; a missing, malformed or refused file is a CheckpointError."""
     f = path / "config.json"
     try:
         d = json.loads(f.read_text())
@@ -85,9 +89,13 @@ def load_config(path: Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from None
     try:
-        return ModelConfig.from_dict(d)
+        return parse(d)
     except ConfigError as e:
         raise CheckpointError(f"{f}: {e}") from None
+
+
+def load_config(path: Path) -> ModelConfig:
+    return read_config(path, ModelConfig.from_dict)
 
 
 def _weight_files(path: Path) -> list[Path]:

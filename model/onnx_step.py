@@ -124,9 +124,9 @@ def _dynamic_shapes(model: Gemma4Unified) -> tuple[Any, ...]:
 def fingerprint(model: Gemma4Unified) -> str:
     """A hash of the model's config and weights: a graph belongs to exactly one model."""
     h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().contiguous().numpy().tobytes())
+    for name, t in sorted(model.state_dict().items()):  # raw bytes: no dtype copies
+        h.update(f"{name}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 
@@ -250,10 +250,6 @@ class OnnxStep:
             raise OnnxExportError(f"{graph} does not fit this model (layers: {n})")
         self.providers = self.session.get_providers()
 
-    @property
-    def cfg(self) -> Any:
-        return self.model.cfg
-
     def step(self, rows: Sequence[Append], cache: KVCache) -> torch.Tensor:
         """Like ``Gemma4Unified.step``: logits (B, V) at each row's last token."""
         m = self.model
@@ -295,12 +291,3 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _default_providers() -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def load(
-    model: Gemma4Unified,
-    graph_dir: str | Path | None = None,
-    providers: Sequence[str] | None = None,
-) -> OnnxStep:
-    """An ``OnnxStep`` for ``model``, exporting its graph first if needed."""
-    return OnnxStep(model, ensure_exported(model, graph_dir), providers)

@@ -152,43 +152,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json that transformers 5.24 and rawcast both read."""
+        text = text_to_dict(self.text)
         t = self.text
-        text: dict[str, Any] = {
-            "model_type": "gemma4_unified_text",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "head_dim": t.head_dim,
-            "layer_types": list(t.layer_types),
-            "sliding_window": t.sliding_window,
-            "attention_k_eq_v": t.attention_k_eq_v,
-            "final_logit_softcapping": t.final_logit_softcapping,
-            "rms_norm_eps": t.rms_norm_eps,
-            "use_bidirectional_attention": t.use_bidirectional_attention,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "pad_token_id": t.pad_token_id,
-            "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id,
-            "rope_parameters": {
-                SLIDING: {"rope_type": "default", "rope_theta": t.rope_sliding.theta},
-                FULL: {
-                    "rope_type": "proportional",
-                    "rope_theta": t.rope_full.theta,
-                    "partial_rotary_factor": t.rope_full.rotary_fraction,
-                },
-            },
-            "per_layer_config": {
-                str(i): {
-                    "head_dim": t.global_head_dim,
-                    "num_key_value_heads": t.num_global_key_value_heads,
-                }
-                for i in t.full_layers
-            },
-        }
         out: dict[str, Any] = {
             "model_type": "gemma4_unified",
             "architectures": ["Gemma4UnifiedForConditionalGeneration"],
@@ -213,6 +178,47 @@ class ModelConfig:
                 **dataclasses.asdict(self.audio),
             }
         return out
+
+
+def text_to_dict(t: TextConfig) -> dict[str, Any]:
+    """The ``text_config`` of a config.json (transformers 5.24 and rawcast read it)."""
+    text: dict[str, Any] = {
+        "model_type": "gemma4_unified_text",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "head_dim": t.head_dim,
+        "layer_types": list(t.layer_types),
+        "sliding_window": t.sliding_window,
+        "attention_k_eq_v": t.attention_k_eq_v,
+        "final_logit_softcapping": t.final_logit_softcapping,
+        "rms_norm_eps": t.rms_norm_eps,
+        "use_bidirectional_attention": t.use_bidirectional_attention,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "pad_token_id": t.pad_token_id,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "rope_parameters": {
+            SLIDING: {"rope_type": "default", "rope_theta": t.rope_sliding.theta},
+            FULL: {
+                "rope_type": "proportional",
+                "rope_theta": t.rope_full.theta,
+                "partial_rotary_factor": t.rope_full.rotary_fraction,
+            },
+        },
+        "per_layer_config": {
+            str(i): {
+                "head_dim": t.global_head_dim,
+                "num_key_value_heads": t.num_global_key_value_heads,
+            }
+            for i in t.full_layers
+        },
+    }
+    return text
 
 
 def _pick(cls: Any, d: dict[str, Any]) -> Any:

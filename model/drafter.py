@@ -26,7 +26,8 @@ The optional ordered-embeddings head (``use_ordered_embeddings``: top-k centroid
 pick the candidate tokens) is supported for greedy drafting.
 
 ``load`` reads a ``save_pretrained`` directory with the backbone loader's
-conventions: memory-mapped safetensors, one tensor at a time, errors naming the key.
+conventions: memory-mapped safetensors, one tensor at a time, errors naming the key;
+``save`` writes one that transformers loads too (the recipe's trained drafter).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rawcast.model.cache import KVCache
-from rawcast.model.config import ConfigError, TextConfig, _text_from_dict
+from rawcast.model.config import ConfigError, TextConfig, _text_from_dict, text_to_dict
 from rawcast.model.gemma4 import (
     MLP,
     Append,
@@ -100,6 +101,23 @@ class DrafterConfig:
                 f"{cfg.num_centroids}"
             )
         return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """A config.json that transformers 5.24 (``Gemma4UnifiedAssistantConfig``) reads."""
+        text = text_to_dict(self.text)
+        text["num_kv_shared_layers"] = self.text.num_hidden_layers
+        text["use_double_wide_mlp"] = self.double_wide_mlp
+        text["final_logit_softcapping"] = None
+        return {
+            "model_type": ASSISTANT,
+            "architectures": ["Gemma4UnifiedAssistantForCausalLM"],
+            "text_config": text,
+            "backbone_hidden_size": self.backbone_hidden_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_ordered_embeddings": self.use_ordered_embeddings,
+            "num_centroids": self.num_centroids,
+            "centroid_intermediate_top_k": self.centroid_top_k,
+        }
 
     def check_target(self, target: TextConfig) -> None:
         """Refuse a target whose shapes this drafter was not built for."""
@@ -319,6 +337,33 @@ def canonical_key(key: str) -> str | None:
     if key.startswith("masked_embedding."):
         return key
     return "?" + key
+
+
+def checkpoint_key(name: str) -> str:
+    """The key ``save_pretrained`` writes for parameter ``name`` (inverse of canonical_key)."""
+    if name.startswith(("pre_projection.", "post_projection.", "lm_head.", "masked_embedding.")):
+        return name
+    return "model." + name
+
+
+def save(model: Drafter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors that both rawcast and transformers load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    tensors = {
+        checkpoint_key(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        .detach()
+        .contiguous()
+        .cpu()
+        for k, v in model.state_dict().items()
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def load_config(path: Path) -> DrafterConfig:

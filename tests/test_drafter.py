@@ -451,3 +451,32 @@ def test_drafter_must_fit_the_target(pair: Pair, tmp_path: Path) -> None:
     cfg["text_config"]["num_kv_shared_layers"] = 2
     with pytest.raises(ConfigError, match="num_kv_shared_layers=2"):
         dr.DrafterConfig.from_dict(cfg)
+
+
+def test_saved_drafter_loads_in_transformers_and_rawcast(pair: Pair, tmp_path: Path) -> None:
+    """``drafter.save`` writes what transformers' ``from_pretrained`` reads back to the same
+    weights (and config), and what rawcast reloads to the same proposals."""
+    from transformers import Gemma4UnifiedAssistantForCausalLM
+
+    out = dr.save(pair.drafter, tmp_path / "saved")
+    hf = Gemma4UnifiedAssistantForCausalLM.from_pretrained(out).eval()
+    ref = pair.hf_drafter.state_dict()
+    got = hf.state_dict()
+    assert set(got) == set(ref)
+    for key, value in ref.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=key)
+    for field in ("backbone_hidden_size", "use_ordered_embeddings", "tie_word_embeddings"):
+        assert getattr(hf.config, field) == getattr(pair.hf_drafter.config, field)
+    assert hf.config.text_config.layer_types == pair.hf_drafter.config.text_config.layer_types
+    again = dr.load(out, target=pair.target)
+    g = torch.Generator().manual_seed(11)
+    cache = KVCache(pair.target.cfg.text, CacheSpec(slots=2, full_capacity=64, branch_room=8))
+    rows = [Append(0, randint(g, 7)), Append(1, randint(g, 23))]
+    with torch.inference_mode():
+        hs = pair.target.step_hidden(rows, cache)
+    last = hs[torch.arange(2), torch.tensor([6, 22])]
+    nxt = [Append(r.slot, [5]) for r in rows]
+    torch.testing.assert_close(
+        again.propose(pair.target, cache, nxt, last, K),
+        pair.drafter.propose(pair.target, cache, nxt, last, K),
+    )

@@ -31,7 +31,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,8 +337,16 @@ def init_model(model: Gemma4Unified, seed: int) -> None:
             model.vision.pos_embedding.normal_(0.0, 0.02, generator=g)
 
 
-def hidden_states(model: Gemma4Unified, p: Packed, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final-normed hidden (B, T, H) and the residual after layer ``tap``: no cache."""
+def hidden_states(
+    model: Gemma4Unified,
+    p: Packed,
+    tap: int,
+    keep_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed hidden (B, T, H) and the residual after layer ``tap``: no cache.
+
+    Layers named in ``keep_kv`` get their (normed, rotated) K and V stored there: the
+    drafter recipe trains on what the target's cache would hold."""
     x = model.embed(p)
     masks = model._masks(p, None)
     rope = {
@@ -350,6 +358,8 @@ def hidden_states(model: Gemma4Unified, p: Packed, tap: int) -> tuple[torch.Tens
         assert isinstance(layer, DecoderLayer)
         h = layer.input_layernorm(x)
         q, k, v = layer.self_attn.project(h, *rope[layer.sliding])
+        if keep_kv is not None and i in keep_kv:
+            keep_kv[i] = (k, v)
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=masks[layer.sliding], scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
         )
@@ -452,15 +462,21 @@ def load_tokenizer(root: Path, dcfg: D.DataConfig) -> Tokenizer:
     return Tokenizer(HFTokenizer.from_file(str(f)), TOKEN_IDS)
 
 
-def export(model: Gemma4Unified, out: Path) -> None:
-    from rawcast.model.loader import save
-
+def publish(out: Path, write: Callable[[Path], Any]) -> None:
+    """``write(dir)`` into a sibling temporary directory, then move its files into ``out``
+    (a reader never sees a half-written checkpoint file)."""
     tmp = out.with_name(out.name + ".tmp")
-    save(model, tmp)
+    write(tmp)
     out.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
+
+
+def export(model: Gemma4Unified, out: Path) -> None:
+    from rawcast.model.loader import save
+
+    publish(out, lambda tmp: save(model, tmp))
 
 
 def train(

@@ -41,11 +41,13 @@ from rawcast.model.config import FULL, SLIDING
 from rawcast.model.drafter import Drafter, DrafterConfig
 from rawcast.model.drafter import load as load_drafter
 from rawcast.model.gemma4 import Append, Gemma4Unified
+from rawcast.model.prompt import PromptFormat
 from rawcast.model.speculative import SpecConfig, generate, greedy
 from rawcast.pipeline.engine import EngineConfig, EngineCore
 from rawcast.pipeline.media import Event, TextEvent
 from rawcast.pipeline.session import SessionConfig, Tasks
 
+FRAME = 640
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fox-espeak-en-us.wav"
 
 
@@ -93,35 +95,59 @@ def run(
     context: int,
 ) -> dict[str, float]:
     t = model.cfg.text
-    g = torch.Generator().manual_seed(batch)
     special = sorted(set(dataclasses.astuple(model.cfg.tokens)))
     suppress = torch.tensor(special)
-    text_ids = torch.tensor([i for i in range(3, min(t.vocab_size, 400)) if i not in special])
-    n_ids = len(text_ids)
-    prompts = [text_ids[torch.randint(n_ids, (context,), generator=g)] for _ in range(batch)]
-    closing = [text_ids[torch.randint(n_ids, (4,), generator=g)] for _ in range(batch)]
-    cs = CacheSpec(slots=batch, full_capacity=context + new + 64, branch_room=new + spec.k_max + 8)
+    if model.tokenizer is not None:
+        prompts, closing = speech_prompts(model, batch)
+    else:
+        g = torch.Generator().manual_seed(batch)
+        text_ids = torch.tensor([i for i in range(3, min(t.vocab_size, 400)) if i not in special])
+        n_ids = len(text_ids)
+        prompts = [
+            Append(i, text_ids[torch.randint(n_ids, (context,), generator=g)]) for i in range(batch)
+        ]
+        closing = [text_ids[torch.randint(n_ids, (4,), generator=g)] for _ in range(batch)]
+    tok = model.tokenizer
+    stop = (tok.ids.eos, tok.turn_close) if tok is not None else ()  # real text ends itself
+    longest = max(len(p.tokens) for p in prompts)
+    cs = CacheSpec(slots=batch, full_capacity=longest + new + 64, branch_room=new + spec.k_max + 8)
     out: dict[str, float] = {}
     tokens: dict[str, list[list[int]]] = {}
     for name in ("plain", "spec"):
         cache = KVCache(t, cs, device=model.device, dtype=model.dtype)
-        model.step([Append(i, p) for i, p in enumerate(prompts)], cache)
+        model.step(prompts, cache)
         rows = [Append(i, c) for i, c in enumerate(closing)]
         t0 = time.perf_counter()
         if name == "plain":
-            tokens[name] = greedy(model, cache, rows, new, suppress=suppress)
-            forwards = new
+            tokens[name] = greedy(model, cache, rows, new, stop, suppress)
+            forwards = max(map(len, tokens[name]))
         else:
-            res = generate(model, drafter, cache, rows, new, spec, suppress=suppress)
+            res = generate(model, drafter, cache, rows, new, spec, stop, suppress)
             tokens[name], forwards = res.tokens, res.forwards + 1
             out["acceptance"] = res.acceptance
         dt = time.perf_counter() - t0
-        out[f"{name}_tok_s"] = batch * new / dt
+        out[f"{name}_tok_s"] = sum(map(len, tokens[name])) / dt
         out[f"{name}_latency_ms"] = dt * 1e3
         out[f"{name}_forwards"] = forwards
     if tokens["plain"] != tokens["spec"]:
         raise AssertionError("speculative decoding emitted different tokens than greedy")
     return out
+
+
+def speech_prompts(model: Gemma4Unified, batch: int) -> tuple[list[Append], list[torch.Tensor]]:
+    """Real transcription prompts: the fixture speech (cut shorter for each next row)
+    appended as audio, then the closing transcribe prompt, as the engine decodes."""
+    assert model.tokenizer is not None
+    fmt = PromptFormat(model.tokenizer)
+    pcm = speech()
+    prompts, closing = [], []
+    for i in range(batch):
+        cut = pcm[: max(FRAME, pcm.size - (i % 8) * 4000)]
+        frames = torch.from_numpy(np.pad(cut, (0, -cut.size % FRAME)).reshape(-1, FRAME))
+        ids = [*fmt.stream_prefix(), *[model.cfg.tokens.audio] * frames.shape[0]]
+        prompts.append(Append(i, ids, audio=frames))
+        closing.append(torch.tensor(fmt.branch("transcribe", None)))
+    return prompts, closing
 
 
 def speech() -> npt.NDArray[np.float32]:

@@ -256,6 +256,8 @@ class EngineCore:
                 rows.append(r)
                 owners.append(s)
                 budget -= len(r.tokens)
+                if self.drafter is not None and r.branch is not None and len(r.tokens) == 1:
+                    budget -= self.spec.k_max  # a decode row may become a verify row
         if not rows:
             return 0
         t0 = time.perf_counter()

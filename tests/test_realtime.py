@@ -692,3 +692,39 @@ def test_core_items_follow_segments_and_finish_in_order() -> None:
     assert b["item_id"] not in {e["item_id"] for e in out}
     for e in out:
         strict(e)
+
+
+@pytest.mark.parametrize("stop_first", [False, True])
+def test_core_text_after_an_engine_cut_gets_its_own_item(stop_first: bool) -> None:
+    """A segment cut by the engine (slot full) goes on in a fresh segment without speech
+    events; its text becomes a new committed and completed item instead of being dropped
+    as a duplicate of the first part's, whether the real speech_stopped comes before
+    (fast upload) or after (live) the cut."""
+    from rawcast.pipeline.media import SpeechEvent, TextEvent
+
+    core = RealtimeProtocol()
+    core.receive(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
+
+    def sent(outs: list[Any]) -> list[dict[str, Any]]:
+        return [o.event for o in outs if hasattr(o, "event")]
+
+    a = sent(core.engine_event(SpeechEvent("started", 0)))[0]["item_id"]
+    events: list[dict[str, Any]] = []
+    if stop_first:
+        events += sent(core.engine_event(SpeechEvent("stopped", 560000)))
+    events += sent(core.engine_event(TextEvent("transcribe", "one two", 0, 448000, True, 0)))
+    events += sent(core.engine_event(TextEvent("transcribe", "thr", 448000, 480000, False, 1)))
+    if not stop_first:
+        events += sent(core.engine_event(SpeechEvent("stopped", 560000)))
+    events += sent(core.engine_event(TextEvent("transcribe", "three", 448000, 560000, True, 1)))
+    kinds = [(e["type"].rsplit(".", 1)[-1], e.get("item_id")) for e in events]
+    done = [(e["item_id"], e["transcript"]) for e in events if e["type"].endswith("completed")]
+    assert done[0] == (a, "one two")
+    assert done[1][1] == "three" and done[1][0] != a
+    b = done[1][0]
+    assert [k for k in kinds if k[0] == "committed"] == [("committed", a), ("committed", b)]
+    assert ("delta", b) in kinds
+    committed_b = next(e for e in events if e["type"].endswith("committed") and e["item_id"] == b)
+    assert committed_b["previous_item_id"] == a
+    for e in events:
+        strict(e)

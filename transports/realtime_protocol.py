@@ -513,7 +513,8 @@ class RealtimeProtocol:
                     }
                 )
             )
-        out.append(self._commit(stopped))
+        if not stopped.committed:  # a continuation's text may have committed it already
+            out.append(self._commit(stopped))
         return out
 
     def _commit(self, item: Item) -> Send:
@@ -548,6 +549,8 @@ class RealtimeProtocol:
         item = self._item_for(ev.start_sample)
         if item is None or item.dropped:
             return []
+        if item.completed and ev.start_sample > item.start_sample:
+            item = self._continuation(item, ev.start_sample)
         if ev.task == "translate":
             lang = {"language": ev.language}
             if ev.final:
@@ -586,6 +589,17 @@ class RealtimeProtocol:
             )
         )
         return out
+
+    def _continuation(self, done: Item, sample: int) -> Item:
+        """A new item for text that starts inside a completed item: the engine cut a long
+        segment (its slot was full) and goes on in a fresh one with no speech events. The
+        continuation takes over the open item, so the speech_stopped still to come
+        commits it."""
+        item = Item(new_id("item"), sample, stopped=done.stopped)
+        self.items.insert(self.items.index(done) + 1, item)
+        if self.open_item is done:
+            self.open_item = item
+        return item
 
     def _fail_waiting(self, before: Item | None, why: str) -> list[Output]:
         """Committed items older than ``before`` (all, if None) that will get no text."""

@@ -35,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
-BUNDLED = ("rawcast-tiny",)
+BUNDLED = ("rawcast-tiny", "rawcast-tiny-drafter")
 
 _IGNORED = (
     re.compile(r"^model\.embed_(audio|vision)\.embedding\."),  # stray hard-token tables

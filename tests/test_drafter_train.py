@@ -11,6 +11,8 @@ positions, masks or the hidden-state chain shows up here as low acceptance.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,16 +84,14 @@ def test_trained_drafter_proposes_the_targets_greedy_tokens() -> None:
     assert after > 0.9, (before, after)
 
 
-def test_recipe_drafter_fits_its_target_and_round_trips(tmp_path: object) -> None:
-    from pathlib import Path
-
+def test_recipe_drafter_fits_its_target_and_round_trips(tmp_path: Path) -> None:
     target, _, _ = setup()
     cfg = DT.drafter_config(target.cfg.text, layers=3, hidden=32, intermediate=64)
     assert cfg.text.layer_types[-1] == "full_attention"
     assert cfg.text.num_attention_heads % target.cfg.text.num_key_value_heads == 0
     drafter = dr.Drafter(cfg)
     DT.init_drafter(drafter, 1)
-    out = Path(str(tmp_path)) / "drafter"
+    out = tmp_path / "drafter"
     DT.export(drafter, out)
     again = dr.load(out, target=target)
     for (name, a), (_, b) in zip(
@@ -129,3 +129,36 @@ def test_training_view_equals_the_inference_view() -> None:
                 )  # fmt: skip
     finally:
         hook.remove()
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_rawcast_train_drafter_trains_resumes_and_exports(tmp_path: Path) -> None:
+    """``rawcast train --drafter`` on a small slice of the recipe's data: it trains the
+    bundled model's drafter, exports a checkpoint that loads for that model, and a
+    second run with more steps resumes from the saved state."""
+    import json
+    import random
+
+    from rawcast.model import loader
+    from rawcast.model.recipe import data as D
+    from rawcast.model.recipe import text
+    from rawcast.transports.cli import build_parser
+
+    rng = random.Random(0)
+    pairs = [list(text.grammar_pair(rng)) for _ in range(8)]
+    data = tmp_path / "data"
+    data.mkdir()
+    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
+    (data / "sentences.json").write_text(json.dumps(sents))
+    D.generate(data, D.DataConfig(seed=7, train_clips=4, eval_clips_per_voice=0), workers=1,
+               splits=("train",))  # fmt: skip
+    run, out = tmp_path / "run", tmp_path / "drafter"
+    argv = ["train", "--drafter", "--data-dir", str(data), "--run-dir", str(run),
+            "--out", str(out), "--batch", "2"]  # fmt: skip
+    for steps in (2, 3):
+        args = build_parser().parse_args([*argv, "--steps", str(steps)])
+        assert args.func(args) == 0
+        assert torch.load(run / "state.pt", weights_only=False)["step"] == steps
+    drafter = dr.load(out, target=loader.load("rawcast-tiny"))
+    assert drafter.cfg.backbone_hidden_size == loader.load("rawcast-tiny").cfg.text.hidden_size
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3  # 2 steps, then 1 more

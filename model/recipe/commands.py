@@ -14,6 +14,7 @@ from typing import Any
 
 DEFAULT_DATA = Path("data/rawcast-tiny")
 DEFAULT_RUN = Path("runs/rawcast-tiny")
+DRAFTER_RUN = Path("runs/rawcast-tiny-drafter")
 
 
 def default_out() -> Path:
@@ -82,16 +83,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "train", help="generate the data and train rawcast-tiny (resumable; CUDA when present)"
     )
     train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    train.add_argument("--run-dir", type=Path, default=DEFAULT_RUN)
+    train.add_argument(
+        "--run-dir", type=Path, default=None, help=f"default: {DEFAULT_RUN} ({DRAFTER_RUN})"
+    )
     train.add_argument("--out", type=Path, default=None, help="default: the bundled rawcast-tiny")
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--train-clips", type=int, default=10_500)
     train.add_argument("--workers", type=int, default=2, help="data generation processes")
-    train.add_argument("--steps", type=int, default=5000)
+    train.add_argument("--steps", type=int, default=None, help="default: 5000 (drafter: 1500)")
     train.add_argument("--batch", type=int, default=16)
-    train.add_argument("--max-minutes", type=float, default=70.0)
+    train.add_argument("--max-minutes", type=float, default=None, help="default: 70 (drafter: 20)")
     train.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
+    )
+    train.add_argument(
+        "--drafter",
+        action="store_true",
+        help="train the MTP drafter for --target instead (speculative decoding; needs the "
+        "training data of a previous `rawcast train`); --steps, --batch, --max-minutes, "
+        "--run-dir and --out then apply to the drafter",
+    )
+    train.add_argument(
+        "--target", default="rawcast-tiny", help="with --drafter: the model it drafts for"
     )
     train.set_defaults(func=_train)
 
@@ -106,17 +119,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.drafter:
+        from rawcast.model.recipe import drafter_train as DT
+
+        base = DT.DrafterTrainConfig()
+        DT.train_command(
+            target=args.target,
+            data_dir=args.data_dir,
+            run_dir=args.run_dir or DRAFTER_RUN,
+            out_dir=args.out,
+            cfg=DT.DrafterTrainConfig(
+                steps=args.steps or base.steps,
+                batch=args.batch,
+                max_minutes=args.max_minutes or base.max_minutes,
+                threads=args.threads,
+            ),
+        )
+        return 0
     train_command(
         data_dir=args.data_dir,
-        run_dir=args.run_dir,
+        run_dir=args.run_dir or DEFAULT_RUN,
         out_dir=args.out,
         seed=args.seed,
         train_clips=args.train_clips,
         workers=args.workers,
-        steps=args.steps,
         batch=args.batch,
-        max_minutes=args.max_minutes,
         threads=args.threads,
+        **{k: v for k in ("steps", "max_minutes") if (v := getattr(args, k)) is not None},
     )
     return 0
 

@@ -122,3 +122,23 @@ def test_stream_errors_exit_nonzero_with_one_line(
         assert code == want, (argv, err)
         assert len(err) == 1 and text in err[0] and err[0].startswith("rawcast stream: "), err
         assert not out
+
+
+def test_serve_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every serve setting a deployment needs can come from the environment, flags win,
+    and a malformed number is a one-line usage error (exit 2), not a traceback."""
+    from rawcast.transports.cli import build_parser
+
+    monkeypatch.setenv("RAWCAST_MAX_SESSIONS", "3")
+    monkeypatch.setenv("RAWCAST_MAX_SESSIONS_PER_KEY", "2")
+    monkeypatch.setenv("RAWCAST_DRAIN_TIMEOUT", "12.5")
+    monkeypatch.setenv("RAWCAST_VAD", "0")
+    monkeypatch.setenv("RAWCAST_THREADS", "1")
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_sessions, args.max_sessions_per_key) == (3, 2)
+    assert (args.drain_timeout, args.no_vad, args.threads) == (12.5, True, 1)
+    assert build_parser().parse_args(["serve", "--max-sessions", "5"]).max_sessions == 5
+    monkeypatch.setenv("RAWCAST_MAX_SESSIONS", "many")
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve"])
+    assert e.value.code == 2

@@ -45,9 +45,12 @@ def _env_list(name: str) -> list[str]:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket/WebRTC server")
     serve.add_argument("--host", default=os.environ.get("RAWCAST_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("RAWCAST_PORT", "8000")))
+    serve.add_argument("--port", type=int, default=os.environ.get("RAWCAST_PORT", "8000"))
     add_model_args(serve)
-    serve.add_argument("--max-sessions", type=int, default=8)
+    serve.add_argument(
+        "--max-sessions", type=int, default=os.environ.get("RAWCAST_MAX_SESSIONS", "8"),
+        help="concurrent sessions (env RAWCAST_MAX_SESSIONS)",
+    )  # fmt: skip
     serve.add_argument(
         "--api-key", action="append", default=_env_list("RAWCAST_API_KEYS"),
         help="accepted Bearer key (repeatable; env RAWCAST_API_KEYS, comma-separated)",
@@ -62,9 +65,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )  # fmt: skip
     serve.add_argument("--turn-username", default=os.environ.get("RAWCAST_TURN_USERNAME"))
     serve.add_argument("--turn-credential", default=os.environ.get("RAWCAST_TURN_CREDENTIAL"))
-    serve.add_argument("--max-sessions-per-key", type=int, default=0)
-    serve.add_argument("--drain-timeout", type=float, default=30.0)
-    serve.add_argument("--no-vad", action="store_true", help="segment on commit only")
+    serve.add_argument(
+        "--max-sessions-per-key", type=int,
+        default=os.environ.get("RAWCAST_MAX_SESSIONS_PER_KEY", "0"),
+        help="sessions one API key may hold; 0: no limit (env RAWCAST_MAX_SESSIONS_PER_KEY)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--drain-timeout", type=float,
+        default=os.environ.get("RAWCAST_DRAIN_TIMEOUT", "30"),
+        help="seconds open sessions get to finish on SIGTERM (env RAWCAST_DRAIN_TIMEOUT)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--no-vad", action="store_true", default=os.environ.get("RAWCAST_VAD", "1") == "0",
+        help="segment on commit only (env RAWCAST_VAD=0)",
+    )  # fmt: skip
     serve.set_defaults(func=_serve)
 
 

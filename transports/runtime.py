@@ -60,7 +60,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="exported graph for --backend onnx (default: exported to the user cache)",
     )  # fmt: skip
     p.add_argument(
-        "--threads", type=int, default=int(env("RAWCAST_THREADS", "0")),
+        "--threads", type=int, default=env("RAWCAST_THREADS", "0"),
         help="torch/onnxruntime CPU threads (0: default)",
     )  # fmt: skip
     p.add_argument(

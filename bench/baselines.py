@@ -26,16 +26,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N held-out clips")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
-    out = {}
-    systems = {"pocketsphinx": baselines.pocketsphinx, "whisper-tiny": baselines.whisper_tiny}
     print(f"# bench/baselines.py on {platform.processor() or platform.machine()}")
-    for name, make in systems.items():
-        run = make()
-        if run is None:
-            print(f"{name}: not available (no local weights; set RAWCAST_WHISPER_DIR)")
+    out = baselines.score_all(Path(args.data_dir), args.limit)
+    for name, r in out.items():
+        if "unavailable" in r:
+            print(f"{name}: not available ({r['unavailable']})")
             continue
-        r = baselines.score(run, Path(args.data_dir), args.limit)
-        out[name] = r
         print(f"{name}: WER {r['wer']:.3f} on {r['clips']} clips ({r['seconds']} s)")
         for voice, w in r["wer_by_voice"].items():
             print(f"  {voice}: {w:.3f}")

@@ -1,12 +1,12 @@
 """``rawcast transcribe FILE...``: captions for recordings, on the server's own engine.
 
 Each file is demuxed and decoded with PyAV on this thread and fed, in media order, to a
-session of an ``EngineCore`` (the engine the server runs, without its worker thread):
-audio frames as they are (the session resamples and frames them), and with
-``--captions`` video frames at the session's caption cadence. The engine is stepped
-whenever a second of audio is queued, so memory stays bounded for long files; because
-the engine's output does not depend on how media is chunked or paced, the result is
-the same as a live stream of the file.
+session of an ``EngineCore`` (the engine the server runs, without its worker thread) by
+``rawcast.pipeline.replay``: audio frames as they are (the session resamples and frames
+them), and with ``--captions`` video frames at the session's caption cadence. The engine
+is stepped whenever a second of audio is queued, so memory stays bounded for long files;
+because the engine's output does not depend on how media is chunked or paced, the result
+is the same as a live stream of the file.
 
 Output (``--format``): ``text`` (one line per segment with times), ``json`` (one object
 per file: segments with start/end, translation, captions), ``vtt`` and ``srt``
@@ -27,6 +27,7 @@ from typing import Any
 
 import av
 
+from rawcast.pipeline.replay import Caption, Segment, SessionFailedError, final_text, replay
 from rawcast.transports.runtime import RuntimeLoadError, add_model_args, load_model, options
 
 EXIT_INPUT, EXIT_FAIL = 2, 1
@@ -39,20 +40,6 @@ class TranscribeError(Exception):
     def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class Segment:
-    start: float
-    end: float
-    text: str
-    translation: str | None = None
-
-
-@dataclass
-class Caption:
-    time: float
-    text: str
 
 
 @dataclass
@@ -144,32 +131,27 @@ def transcribe_file(
     from rawcast.pipeline.session import SessionConfig, Tasks
 
     config = SessionConfig(tasks=Tasks(transcribe=True, translate=translate, caption=captions))
-    s = core.open(config)
     duration = _duration(path)
     bar = _bar(duration, path, progress)
     try:
-        for item in media(path, captions):
-            if isinstance(item, av.AudioFrame):
-                s.push_audio(item)
-                if bar is not None and item.time is not None:
-                    bar.update(max(0.0, item.time - bar.n))
-            else:
-                s.push_image(*item)
-            while s.pending_frames() >= 25 and not s.closed:  # keep a second queued at most
-                if not core.step():
-                    break
-            if s.closed:
-                break
-        s.flush()
-        s.request_close()
-        core.run_until_idle()
+        events = replay(core, _tracked(media(path, captions), bar), config)
+        segments, caps = final_text(events)
     except av.FFmpegError as e:
         raise TranscribeError(f"cannot decode {path}: {e}", EXIT_FAIL) from e
+    except SessionFailedError as e:
+        raise TranscribeError(f"{path}: {e}", EXIT_FAIL) from e
     finally:
         if bar is not None:
             bar.close()
-        core.release(s)
-    return _collect(path, duration, s.outbox, translate)
+    return Transcript(path, round(duration, 3), segments, caps, language=translate)
+
+
+def _tracked(items: Iterator[Any], bar: Any) -> Iterator[Any]:
+    """``items``, moving the progress bar (if any) to each audio frame's time."""
+    for item in items:
+        if bar is not None and isinstance(item, av.AudioFrame) and item.time is not None:
+            bar.update(max(0.0, item.time - bar.n))
+        yield item
 
 
 def media(path: str, captions: bool) -> Iterator[av.AudioFrame | tuple[av.VideoFrame, float]]:
@@ -201,28 +183,6 @@ def _bar(duration: float, path: str, enabled: bool) -> Any:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=round(duration, 1), unit="s", desc=Path(path).name, leave=False)
-
-
-def _collect(path: str, duration: float, events: list[Any], translate: str | None) -> Transcript:
-    from rawcast.pipeline.media import ErrorEvent, TextEvent
-
-    t = Transcript(file=path, duration=round(duration, 3), language=translate)
-    by_id: dict[int, Segment] = {}
-    for ev in events:
-        if isinstance(ev, ErrorEvent) and ev.fatal:
-            raise TranscribeError(f"{path}: {ev.code}: {ev.message}", EXIT_FAIL)
-        if not isinstance(ev, TextEvent) or not ev.final:
-            continue
-        if ev.task == "caption":
-            t.captions.append(Caption(round(ev.start, 3), ev.text.strip()))
-            continue
-        seg = by_id.setdefault(ev.segment_id, Segment(round(ev.start, 3), round(ev.end, 3), ""))
-        if ev.task == "transcribe":
-            seg.text = ev.text.strip()
-        elif ev.task == "translate":
-            seg.translation = ev.text.strip()
-    t.segments = [by_id[k] for k in sorted(by_id) if by_id[k].text or by_id[k].translation]
-    return t
 
 
 # --- output formats ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ punctuation stripped), per held-out voice and overall.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections import defaultdict
@@ -22,8 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rawcast.model.recipe import data as D
-from rawcast.model.recipe.evaluate import wer
+from rawcast.model.recipe.evaluate import heldout_clips, wer
 
 Transcriber = Callable[[npt.NDArray[np.float32]], str]
 
@@ -65,15 +65,10 @@ def score(transcribe: Transcriber, data_dir: Path, limit: int | None = None) -> 
     refs: dict[str, list[str]] = defaultdict(list)
     hyps: dict[str, list[str]] = defaultdict(list)
     n, t0 = 0, time.perf_counter()
-    for path in D.shards(data_dir, "eval"):
-        shard = D.load_shard(path)
-        for i in range(len(shard)):
-            if limit is not None and n >= limit:
-                break
-            voice = str(shard.meta[i]["voice"])
-            refs[voice].append(str(shard.meta[i]["text"]))
-            hyps[voice].append(transcribe(shard.clip_audio(i)))
-            n += 1
+    for meta, audio, _ in heldout_clips(data_dir, limit):
+        refs[meta["voice"]].append(meta["text"])
+        hyps[meta["voice"]].append(transcribe(audio))
+        n += 1
     all_refs = [r for v in refs for r in refs[v]]
     all_hyps = [h for v in refs for h in hyps[v]]
     return {
@@ -82,3 +77,20 @@ def score(transcribe: Transcriber, data_dir: Path, limit: int | None = None) -> 
         "wer_by_voice": {v: round(wer(refs[v], hyps[v]), 4) for v in sorted(refs)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def pocketsphinx_available() -> bool:
+    return importlib.util.find_spec("pocketsphinx") is not None
+
+
+def score_all(data_dir: Path, limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """``score`` of each baseline, or ``{"unavailable": what to do}`` for a missing one."""
+    out: dict[str, dict[str, Any]] = {}
+    ps = pocketsphinx() if pocketsphinx_available() else None
+    wt = whisper_tiny()
+    for name, run, missing in (
+        ("pocketsphinx", ps, "pip install pocketsphinx"),
+        ("whisper-tiny", wt, "set RAWCAST_WHISPER_DIR"),
+    ):
+        out[name] = score(run, data_dir, limit) if run is not None else {"unavailable": missing}
+    return out

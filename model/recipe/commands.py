@@ -2,7 +2,8 @@
 
 ``train_command`` regenerates the data (shards that exist are kept: generation is
 deterministic), trains or resumes, and exports the checkpoint. ``eval_command``
-loads a checkpoint and reports WER, chrF and caption accuracy on held-out data.
+loads a checkpoint and reports WER, chrF and caption accuracy on held-out data, offline
+and streamed through the engine, beside the ASR baselines scored on the same clips.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 DEFAULT_DATA = Path("data/rawcast-tiny")
 DEFAULT_RUN = Path("runs/rawcast-tiny")
 DRAFTER_RUN = Path("runs/rawcast-tiny-drafter")
+MODES = ("offline", "streamed", "both")  # evaluate.MODES (that module loads torch)
 
 
 def default_out() -> Path:
@@ -59,17 +61,30 @@ def eval_command(
     n_scenes: int = 100,
     seed: int = 1234,
     json_out: Path | None = None,
+    mode: str = "both",
+    baselines: bool | None = None,
+    threads: int = 0,
     log: Any = print,
 ) -> dict[str, Any]:
+    """``baselines``: score them on the same clips (None: when pocketsphinx is installed)."""
+    import torch
+
     from rawcast.model.loader import load
+    from rawcast.model.recipe import baselines as B
     from rawcast.model.recipe import data as D
     from rawcast.model.recipe.evaluate import evaluate, summary
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     if not D.shards(data_dir, "eval"):
         log(f"data: generating the held-out data under {data_dir}")
         D.generate(data_dir, D.DataConfig(seed=seed), splits=("eval",), progress=log)
     model = load(model_name)
-    result = evaluate(model, data_dir, seed=seed, max_clips=max_clips, n_scenes=n_scenes)
+    result = evaluate(model, data_dir, seed=seed, max_clips=max_clips, n_scenes=n_scenes, mode=mode)
+    if baselines is None:
+        baselines = B.pocketsphinx_available()
+    if baselines:
+        result["baselines"] = B.score_all(data_dir, max_clips)
     log(summary(result))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +130,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.add_argument("--scenes", type=int, default=100)
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--json", type=Path, default=None, help="write the full result here")
-    ev.set_defaults(func=_eval)
+    ev.add_argument(
+        "--mode", choices=MODES, default="both",
+        help="offline: one pass per clip; streamed: through the streaming engine (default: both)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--baselines", action=argparse.BooleanOptionalAction, default=None,
+        help="also score pocketsphinx (and Whisper tiny with RAWCAST_WHISPER_DIR) on the same "
+        "clips (default: when pocketsphinx is installed)",
+    )  # fmt: skip
+    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ev.set_defaults(func=_eval, default_log_level="warning")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -158,5 +183,8 @@ def _eval(args: argparse.Namespace) -> int:
         n_scenes=args.scenes,
         seed=args.seed,
         json_out=args.json,
+        mode=args.mode,
+        baselines=args.baselines,
+        threads=args.threads,
     )
     return 0

@@ -1,5 +1,9 @@
 """Evaluation of a checkpoint on held-out data: WER, chrF, caption accuracy.
 
+Two passes over the same clips (``mode``): offline, each clip decoded in one pass
+(``decode.py``), and streamed, each clip through the streaming engine
+(``streamed.py``: VAD, trailing silence and end-of-turn latency are explained there).
+
 - WER (jiwer) on held-out voices (festival's voices, flite's awb, espeak-ng's
   Caribbean accent) speaking held-out sentences; lowercased, punctuation stripped.
 - chrF (sacrebleu) for English speech -> Spanish text on the same held-out clips,
@@ -12,16 +16,20 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from rawcast.model.gemma4 import Gemma4Unified
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import decode, scenes
+from rawcast.model.recipe.streamed import ClipStreamer, StreamConfig
 from rawcast.model.recipe.text import normalize
 from rawcast.model.recipe.train import truncated
+from rawcast.pipeline.media import SAMPLE_RATE
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
@@ -45,63 +53,141 @@ def chrf(refs: list[str], hyps: list[str]) -> float:
     return float(sacrebleu.corpus_chrf(hyps, [refs]).score)
 
 
+MODES = ("offline", "streamed", "both")
+
+
+def heldout_clips(
+    data_root: Path, max_clips: int | None = None
+) -> Iterator[tuple[dict[str, str], npt.NDArray[np.float32], list[int]]]:
+    """(meta, audio, word ends) of the held-out clips, in shard order, the first ``max_clips``."""
+    count = 0
+    for p in D.shards(data_root, "eval"):
+        shard = D.load_shard(p)
+        for i in range(len(shard)):
+            if max_clips is not None and count >= max_clips:
+                return
+            count += 1
+            yield shard.meta[i], shard.clip_audio(i), shard.clip_ends(i)
+
+
+class _Speech:
+    """References and hypotheses of one pass: transcripts by voice, translations by source."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, list[str]] = defaultdict(list)
+        self.hyps: dict[str, list[str]] = defaultdict(list)
+        self.es_refs: dict[str, list[str]] = defaultdict(list)
+        self.es_hyps: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, meta: dict[str, str], hyp: str, es: str | None) -> None:
+        self.refs[meta["voice"]].append(meta["text"])
+        self.hyps[meta["voice"]].append(hyp)
+        if meta["es"] and es is not None:
+            self.es_refs[meta["source"]].append(meta["es"])
+            self.es_hyps[meta["source"]].append(es)
+
+    def scores(self) -> dict[str, Any]:
+        refs = [r for v in self.refs.values() for r in v]
+        hyps = [h for v in self.hyps.values() for h in v]
+        out: dict[str, Any] = {
+            "wer": wer(refs, hyps) if refs else None,
+            "wer_by_voice": {
+                v: round(wer(self.refs[v], self.hyps[v]), 4) for v in sorted(self.refs)
+            },
+        }
+        es_refs = [r for v in self.es_refs.values() for r in v]
+        if es_refs:
+            out["chrf_en_es"] = chrf(es_refs, [h for v in self.es_hyps.values() for h in v])
+            out["chrf_by_source"] = {
+                s: round(chrf(self.es_refs[s], self.es_hyps[s]), 2) for s in sorted(self.es_refs)
+            }
+        return out
+
+
 def evaluate(
     model: Gemma4Unified,
     data_root: Path,
     seed: int = 1234,
     max_clips: int | None = None,
     n_scenes: int = 100,
+    mode: str = "both",
+    stream: StreamConfig | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
+    """Score ``model``: offline (one pass per clip), streamed (the engine) or both.
+
+    The offline keys are at the top level (``wer_heldout_voices``, ``chrf_en_es`` ...,
+    captions); the streamed ones under ``streamed``. Captions are offline only."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     t0 = time.time()
-    paths = D.shards(data_root, "eval")
-    if not paths:
+    if not D.shards(data_root, "eval"):
         raise RuntimeError(
             f"no eval shards under {data_root}: run `rawcast train` (it generates them)"
         )
-    refs: dict[str, list[str]] = defaultdict(list)
-    hyps: dict[str, list[str]] = defaultdict(list)
-    es_refs: dict[str, list[str]] = defaultdict(list)
-    es_hyps: dict[str, list[str]] = defaultdict(list)
+    offline = mode in ("offline", "both")
+    streamer = ClipStreamer(model, stream) if mode in ("streamed", "both") else None
+    off, st = _Speech(), _Speech()
     examples: list[dict[str, str]] = []
     prefix_refs: list[str] = []
     prefix_hyps: list[str] = []
-    count = 0
-    for p in paths:
-        shard = D.load_shard(p)
-        for i in range(len(shard)):
-            if max_clips is not None and count >= max_clips:
-                break
-            count += 1
-            meta = shard.meta[i]
-            audio = shard.clip_audio(i)
+    latencies: list[float] = []
+    no_speech = split = count = 0
+    seconds = {"offline": 0.0, "streamed": 0.0}
+    for i, (meta, audio, ends) in enumerate(heldout_clips(data_root, max_clips)):
+        count += 1
+        example = {"voice": meta["voice"], "ref": meta["text"]}
+        if offline:
+            t = time.perf_counter()
             hyp = decode.transcribe(model, audio)
-            refs[meta["voice"]].append(meta["text"])
-            hyps[meta["voice"]].append(hyp)
-            if meta["es"]:
-                es = decode.transcribe(model, audio, task="translate")
-                es_refs[meta["source"]].append(meta["es"])
-                es_hyps[meta["source"]].append(es)
-            cut, kept = truncated(audio, meta["text"], shard.clip_ends(i), np.random.default_rng(i))
+            es = decode.transcribe(model, audio, task="translate") if meta["es"] else None
+            off.add(meta, hyp, es)
+            cut, kept = truncated(audio, meta["text"], ends, np.random.default_rng(i))
             prefix_refs.append(kept)
             prefix_hyps.append(decode.transcribe(model, cut))
-            if len(examples) < 12:
-                examples.append({"voice": meta["voice"], "ref": meta["text"], "hyp": hyp})
-    all_refs = [r for v in refs.values() for r in v]
-    all_hyps = [h for v in hyps.values() for h in v]
-    result: dict[str, Any] = {
-        "clips": count,
-        "wer_heldout_voices": wer(all_refs, all_hyps) if all_refs else None,
-        "wer_by_voice": {v: round(wer(refs[v], hyps[v]), 4) for v in sorted(refs)},
-        "wer_truncated_prefix": wer(prefix_refs, prefix_hyps) if prefix_refs else None,
-    }
-    all_es_refs = [r for v in es_refs.values() for r in v]
-    all_es_hyps = [h for v in es_hyps.values() for h in v]
-    if all_es_refs:
-        result["chrf_en_es"] = chrf(all_es_refs, all_es_hyps)
-        result["chrf_by_source"] = {
-            s: round(chrf(es_refs[s], es_hyps[s]), 2) for s in sorted(es_refs)
+            example["hyp"] = hyp
+            seconds["offline"] += time.perf_counter() - t
+        if streamer is not None:
+            t = time.perf_counter()
+            got = streamer(audio, translate=bool(meta["es"]))
+            st.add(meta, got.text, got.translation)
+            no_speech += got.segments == 0
+            split += got.segments > 1
+            if got.end is not None and ends:
+                latencies.append(got.end - ends[-1] / SAMPLE_RATE)
+            example["streamed"] = got.text
+            seconds["streamed"] += time.perf_counter() - t
+        if len(examples) < 12:
+            examples.append(example)
+    result: dict[str, Any] = {"clips": count, "mode": mode}
+    if offline:
+        scores = off.scores()
+        result["wer_heldout_voices"] = scores.pop("wer")
+        result.update(scores)
+        result["wer_truncated_prefix"] = wer(prefix_refs, prefix_hyps) if prefix_refs else None
+    if streamer is not None:
+        result["streamed"] = {
+            **st.scores(),
+            "final_latency_s": _spread(latencies),
+            "clips_without_speech": no_speech,
+            "clips_split": split,
+            "vad": streamer.config.vad,
+            "trail_s": streamer.config.trail_s,
+            "seconds": round(seconds["streamed"], 1),
         }
+    if offline:
+        result["offline_speech_seconds"] = round(seconds["offline"], 1)
+        result.update(_captions(model, seed, n_scenes, examples))
+    result["examples"] = examples
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _captions(
+    model: Gemma4Unified, seed: int, n_scenes: int, examples: list[dict[str, str]]
+) -> dict[str, float]:
+    """Caption accuracy on held-out and on seen compositions (a few examples appended)."""
+    out = {}
     for name, held in (("caption_acc_heldout", True), ("caption_acc_seen_compositions", False)):
         ok = 0
         for i in range(n_scenes):
@@ -110,31 +196,79 @@ def evaluate(
             ok += int(normalize(got) == normalize(cap))
             if held and i < 6:
                 examples.append({"scene": cap, "caption": got})
-        result[name] = ok / max(1, n_scenes)
-    result["examples"] = examples
-    result["seconds"] = round(time.time() - t0, 1)
-    return result
+        out[name] = ok / max(1, n_scenes)
+    return out
+
+
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    if not xs:
+        return None
+    return {"mean": round(float(np.mean(xs)), 3), "p90": round(float(np.percentile(xs, 90)), 3)}
 
 
 def summary(result: dict[str, Any]) -> str:
-    lines = [f"clips: {result['clips']}"]
-    if result.get("wer_heldout_voices") is not None:
-        lines.append(f"WER held-out voices: {100 * result['wer_heldout_voices']:.1f}%")
-        for v, w in result["wer_by_voice"].items():
-            lines.append(f"  {v}: {100 * w:.1f}%")
+    """The result as lines for people: each figure offline and streamed side by side."""
+    st = result.get("streamed") or {}
+    lines = [f"clips: {result['clips']} ({_modes(result)})"]
+    if result.get("wer_heldout_voices") is not None or st.get("wer") is not None:
+        lines.append(
+            f"WER held-out voices: {_both(result.get('wer_heldout_voices'), st.get('wer'))}"
+        )
+        off_v, st_v = result.get("wer_by_voice", {}), st.get("wer_by_voice", {})
+        for v in sorted(set(off_v) | set(st_v)):
+            lines.append(f"  {v}: {_both(off_v.get(v), st_v.get(v))}")
     if result.get("wer_truncated_prefix") is not None:
         lines.append(
             f"WER of the prefix on truncated clips: {100 * result['wer_truncated_prefix']:.1f}%"
         )
-    if "chrf_en_es" in result:
-        lines.append(f"chrF EN->ES: {result['chrf_en_es']:.1f}  {result['chrf_by_source']}")
-    lines.append(
-        f"caption accuracy, held-out compositions: {100 * result['caption_acc_heldout']:.1f}%"
-    )
-    lines.append(
-        f"caption accuracy, seen compositions: {100 * result['caption_acc_seen_compositions']:.1f}%"
-    )
+    if "chrf_en_es" in result or "chrf_en_es" in st:
+        parts = [
+            f"{name} {r['chrf_en_es']:.1f} {r['chrf_by_source']}"
+            for name, r in (("offline", result), ("streamed", st))
+            if "chrf_en_es" in r
+        ]
+        lines.append("chrF EN->ES: " + ", ".join(parts))
+    if st:
+        vad = "Silero VAD" if st["vad"] else "no VAD"
+        lines.append(
+            f"streamed: engine, {vad}, {st['trail_s']:g} s of silence after each clip; "
+            f"{st['clips_without_speech']} clips without speech, {st['clips_split']} split"
+        )
+        lat = st.get("final_latency_s")
+        if lat is not None:
+            lines.append(
+                f"streamed final text after the last word (media time): "
+                f"mean {lat['mean']:.2f} s, p90 {lat['p90']:.2f} s"
+            )
+    if "caption_acc_heldout" in result:
+        lines.append(
+            f"caption accuracy, held-out compositions: {100 * result['caption_acc_heldout']:.1f}%"
+        )
+        lines.append(
+            "caption accuracy, seen compositions: "
+            f"{100 * result['caption_acc_seen_compositions']:.1f}%"
+        )
+    for name, b in (result.get("baselines") or {}).items():
+        if "unavailable" in b:
+            lines.append(f"{name} unavailable ({b['unavailable']})")
+        else:
+            same = "same clips" if b["clips"] == result["clips"] else f"{b['clips']} clips"
+            lines.append(f"{name} WER {100 * b['wer']:.1f}% ({same})")
     return "\n".join(lines)
+
+
+def _modes(result: dict[str, Any]) -> str:
+    mode = str(result.get("mode", "offline"))
+    return "offline and streamed" if mode == "both" else mode
+
+
+def _both(offline: float | None, streamed: float | None) -> str:
+    parts = [
+        f"{name} {100 * x:.1f}%"
+        for name, x in (("offline", offline), ("streamed", streamed))
+        if x is not None
+    ]
+    return ", ".join(parts)
 
 
 def clip_wer(model: Gemma4Unified, audio: np.ndarray, ref: str) -> tuple[float, str]:

@@ -1,0 +1,201 @@
+"""`rawcast eval`: offline and streamed passes over the same clips, and the baselines.
+
+The eval data is a small shard made from the test fixtures (no TTS needed); the model
+is the shipped rawcast-tiny (in the repository), so the texts are real greedy decodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import numpy.typing as npt
+import pytest
+from tiny_model import fixture_pcm
+
+from rawcast.model.gemma4 import Gemma4Unified
+from rawcast.model.loader import load
+from rawcast.model.recipe import baselines as B
+from rawcast.model.recipe import data as D
+from rawcast.model.recipe import speech
+from rawcast.model.recipe.commands import eval_command
+from rawcast.model.recipe.evaluate import chrf, evaluate, summary, wer
+from rawcast.model.recipe.streamed import StreamConfig
+from rawcast.pipeline.engine import EngineCore
+from rawcast.pipeline.vad import SileroModel
+from rawcast.transports.transcribe import transcribe_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _clip(audio: npt.NDArray[np.float32], text: str, es: str, voice: str, source: str) -> D.Clip:
+    end = speech.voiced_span(audio)[1]  # one "word end": the end of the speech
+    return D.Clip(audio, text, es, [end], voice, "clean", source)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An eval shard of two clips: one with a Spanish reference, one without."""
+    ked = json.loads((FIXTURES / "heldout_ked_diphone.json").read_text())
+    clips = [
+        _clip(
+            fixture_pcm("heldout_ked_diphone.wav"), ked["text"], ked["spanish"], ked["voice"],
+            "grammar",
+        ),
+        _clip(
+            fixture_pcm(), "the quick brown fox jumps over the lazy dog", "", "espeak-ng:en-us",
+            "prose",
+        ),
+    ]  # fmt: skip
+    root = tmp_path_factory.mktemp("eval-data")
+    D.save_shard(root / "eval-0000.npz", clips)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model() -> Gemma4Unified:
+    return load("rawcast-tiny")
+
+
+@pytest.fixture(scope="module")
+def both(data_dir: Path) -> tuple[dict[str, Any], str]:
+    """`rawcast eval` in its default mode, with the baselines: (result, printed summary)."""
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAWCAST_WHISPER_DIR", raising=False)
+        result = eval_command(
+            data_dir=data_dir, n_scenes=1, mode="both", baselines=True, log=lines.append
+        )
+    return result, "\n".join(lines)
+
+
+def _clips(data_dir: Path) -> Iterator[tuple[dict[str, str], npt.NDArray[np.float32], int]]:
+    shard = D.load_shard(data_dir / "eval-0000.npz")
+    for i in range(len(shard)):
+        yield shard.meta[i], shard.clip_audio(i), shard.clip_ends(i)[-1]
+
+
+def _write_wav(path: Path, x: npt.NDArray[np.float32]) -> Path:
+    """16 kHz float WAV: PyAV reads back exactly these samples."""
+    with av.open(str(path), "w", format="wav") as c:
+        st = c.add_stream("pcm_f32le", rate=16_000)
+        st.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = 16_000, 0
+        for pk in [*st.encode(frame), *st.encode()]:
+            c.mux(pk)
+    return path
+
+
+def test_streamed_pass_scores_what_rawcast_transcribe_gives(
+    both: tuple[dict[str, Any], str], data_dir: Path, model: Gemma4Unified, tmp_path: Path
+) -> None:
+    """Each clip's streamed text is `rawcast transcribe`'s final text for the clip followed
+    by 1 s of silence, and the streamed WER, chrF and latency are computed from it."""
+    result, _ = both
+    st = result["streamed"]
+    core = EngineCore(model, vad_model=SileroModel())  # as `rawcast transcribe` makes it
+    refs, hyps, es_refs, es_hyps, lat = [], [], [], [], []
+    for i, (meta, audio, last_word_end) in enumerate(_clips(data_dir)):
+        x = np.concatenate([audio, np.zeros(16_000, np.float32)])
+        lang = "Spanish" if meta["es"] else None
+        t = transcribe_file(core, str(_write_wav(tmp_path / f"{i}.wav", x)), lang, False)
+        text = " ".join(s.text for s in t.segments if s.text)
+        assert result["examples"][i]["streamed"] == text
+        refs.append(meta["text"])
+        hyps.append(text)
+        if lang:
+            es_refs.append(meta["es"])
+            es_hyps.append(" ".join(s.translation or "" for s in t.segments).strip())
+        lat.append(t.segments[-1].end - last_word_end / 16_000)
+    assert any(hyps) and all(es_hyps)
+    assert st["wer"] == wer(refs, hyps)
+    assert st["chrf_en_es"] == chrf(es_refs, es_hyps)
+    assert st["final_latency_s"]["mean"] == pytest.approx(np.mean(lat), abs=1e-3)
+    # the VAD's 400 ms end-of-speech wait, within the 1 s of silence
+    assert 0.4 <= st["final_latency_s"]["mean"] < 1.0
+    assert set(st["wer_by_voice"]) == set(result["wer_by_voice"])
+
+
+def test_streamed_equals_offline_when_the_engine_sees_the_same_audio(
+    model: Gemma4Unified, data_dir: Path
+) -> None:
+    """Without VAD or trailing silence the engine decodes exactly the offline audio: every
+    streamed figure equals its offline one (and the clip texts agree)."""
+    r = evaluate(model, data_dir, n_scenes=0, stream=StreamConfig(vad=False, trail_s=0.0))
+    st = r["streamed"]
+    assert [e["streamed"] for e in r["examples"]] == [e["hyp"] for e in r["examples"]]
+    assert st["wer"] == r["wer_heldout_voices"] and st["wer_by_voice"] == r["wer_by_voice"]
+    assert st["chrf_en_es"] == r["chrf_en_es"]
+    assert r["examples"][0]["hyp"]  # a real decode, not two empty strings
+
+
+def test_summary_reports_both_passes_and_the_baselines_on_the_same_clips(
+    both: tuple[dict[str, Any], str],
+) -> None:
+    result, printed = both
+    assert result["clips"] == 2
+    assert result["baselines"]["pocketsphinx"]["clips"] == 2
+    assert set(result["baselines"]["pocketsphinx"]["wer_by_voice"]) == set(result["wer_by_voice"])
+    assert result["baselines"]["whisper-tiny"] == {"unavailable": "set RAWCAST_WHISPER_DIR"}
+    off, st = 100 * result["wer_heldout_voices"], 100 * result["streamed"]["wer"]
+    assert f"WER held-out voices: offline {off:.1f}%, streamed {st:.1f}%" in printed
+    lat = result["streamed"]["final_latency_s"]["mean"]
+    assert f"final text after the last word (media time): mean {lat:.2f} s" in printed
+    ps = 100 * result["baselines"]["pocketsphinx"]["wer"]
+    assert f"pocketsphinx WER {ps:.1f}% (same clips)" in printed
+    assert "whisper-tiny unavailable (set RAWCAST_WHISPER_DIR)" in printed
+    assert printed == summary(result)
+
+
+def _refuse(*args: Any, **kw: Any) -> Any:
+    raise AssertionError("this work should have been skipped")
+
+
+def test_offline_mode_without_baselines_runs_neither_the_engine_nor_the_baselines(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("rawcast.model.recipe.evaluate.ClipStreamer", _refuse)
+    monkeypatch.setattr(B, "score_all", _refuse)
+    r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", baselines=False, log=_skip)
+    assert "streamed" not in r and "baselines" not in r and r["wer_heldout_voices"] is not None
+    assert "streamed" not in summary(r)
+    # by default the baselines run only where pocketsphinx is installed
+    monkeypatch.setattr(B, "pocketsphinx_available", lambda: False)
+    r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", log=_skip)
+    assert "baselines" not in r
+
+
+def test_streamed_mode_skips_the_offline_pass(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("rawcast.model.recipe.evaluate.decode.transcribe", _refuse)
+    monkeypatch.setattr("rawcast.model.recipe.evaluate.decode.caption", _refuse)
+    r = eval_command(data_dir=data_dir, mode="streamed", baselines=False, log=_skip)
+    assert r["streamed"]["wer"] is not None and "wer_heldout_voices" not in r
+    assert summary(r).startswith("clips: 2 (streamed)\nWER held-out voices: streamed ")
+
+
+def _skip(*args: Any) -> None:
+    pass
+
+
+def test_eval_flags() -> None:
+    from rawcast.model.recipe import commands
+    from rawcast.model.recipe.evaluate import MODES
+    from rawcast.transports.cli import build_parser
+
+    assert commands.MODES == MODES
+
+    p = build_parser()
+    a = p.parse_args(["eval"])
+    assert (a.mode, a.baselines, a.threads) == ("both", None, 0)
+    a = p.parse_args(["eval", "--mode", "offline", "--no-baselines", "--threads", "1"])
+    assert (a.mode, a.baselines, a.threads) == ("offline", False, 1)
+    assert p.parse_args(["eval", "--baselines"]).baselines is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--mode", "live"])

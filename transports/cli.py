@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rawcast {_version()}")
     parser.add_argument(
         "--log-level", default=None, choices=["debug", "info", "warning", "error"],
-        help="default: info (warning for transcribe and export-onnx)",
+        help="default: info (warning for transcribe, eval and export-onnx)",
     )  # fmt: skip
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
     parser.set_defaults(default_log_level="info")

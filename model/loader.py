@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or key."""
 
 
-BUNDLED_DIR = Path(__file__).parent / "weights"
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"  # the source tree in an editable install
 BUNDLED = ("rawcast-tiny", "rawcast-tiny-drafter")
 
 _IGNORED = (

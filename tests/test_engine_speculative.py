@@ -281,3 +281,31 @@ def test_a_drafter_that_does_not_fit_is_refused(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--drafter needs --backend torch" in err[0], err
+
+
+def test_the_bundled_drafter_drafts_for_the_bundled_model() -> None:
+    """The shipped rawcast-tiny-drafter (``rawcast train --drafter``) fits the shipped
+    model, transformers loads it, and in the engine its drafts are accepted often (a
+    random drafter's almost never are) while the text stays exactly plain greedy's."""
+    from transformers import Gemma4UnifiedAssistantForCausalLM
+
+    from rawcast.model.loader import BUNDLED_DIR, load, resolve
+
+    if not (BUNDLED_DIR / "rawcast-tiny-drafter" / "config.json").exists():
+        pytest.skip("rawcast-tiny-drafter is not bundled in this checkout")
+    trained = load("rawcast-tiny")
+    shipped = dr.load("rawcast-tiny-drafter", target=trained)
+    hf = Gemma4UnifiedAssistantForCausalLM.from_pretrained(resolve("rawcast-tiny-drafter"))
+    assert hf.config.backbone_hidden_size == trained.cfg.text.hidden_size
+    cfg = SessionConfig(tasks=Tasks(transcribe=True, translate="Spanish"), vad=None)
+    outs = []
+    for drafter in (None, shipped):
+        core = EngineCore(trained, EngineConfig(max_sessions=1), drafter=drafter)
+        s = core.open(cfg)
+        s.push_audio(fixture_pcm(), 16000)
+        s.flush()
+        core.run_until_idle()
+        outs.append((texts(s.outbox), core.acceptance, core.drafted))
+    (want, _, _), (got, acceptance, drafted) = outs
+    assert got == want and any(e.text for e in want if isinstance(e, TextEvent))
+    assert drafted > 0 and acceptance > 0.25, acceptance

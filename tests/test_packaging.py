@@ -105,3 +105,14 @@ def test_serve_without_a_model_fails_with_one_line(tmp_path: Path) -> None:
 def test_no_command_prints_help() -> None:
     """Running without a command prints help and exits 2."""
     assert cli.main([]) == 2
+
+
+def test_bundled_weights_resolve_to_real_files() -> None:
+    """``rawcast train``/``--drafter`` write their default output to ``BUNDLED_DIR``, which
+    must be where the files really are (an editable install links them from a build
+    directory: writing there would leave the source tree's checkpoint unchanged)."""
+    from rawcast.model.loader import BUNDLED, BUNDLED_DIR
+
+    for name in BUNDLED:
+        files = list((BUNDLED_DIR / name).iterdir())
+        assert files and not any(f.is_symlink() for f in files), name

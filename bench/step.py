@@ -28,6 +28,7 @@ import torch
 from rawcast.model import Append, CacheSpec, KVCache, preset
 from rawcast.model.cache import slot_bytes
 from rawcast.model.loader import from_state_dict
+from rawcast.transports.runtime import compiled
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = 64
@@ -179,7 +180,7 @@ def bench_config(
     cfg = preset(name)
     model = from_state_dict(cfg, hf.state_dict(), dtype=dtype)
     if COMPILED["on"]:
-        COMPILED["fn"] = torch.compile(model.run_layers, dynamic=True)
+        COMPILED["fn"] = compiled(model.run_layers)
     # both caches grow by n per timed call (warm-ups, eager and compiled runs)
     full = PROMPT + max(appends, default=0) * (2 * reps + 4) + 64
     spec = CacheSpec(slots=max(batches), full_capacity=full, branch_room=256)

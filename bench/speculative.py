@@ -16,10 +16,12 @@ with the ticks that took and the acceptance rate; final texts are checked equal.
 The engine needs a tokenizer: it runs ``--model`` or the bundled ``rawcast-tiny``.
 
 Without ``--drafter`` the drafter is random (acceptance near 1/vocab: the figures
-then show the overhead, not a speed-up); ``--model``/``--drafter`` take checkpoints.
+then show the overhead, not a speed-up); ``--model``/``--drafter`` take checkpoints,
+e.g. the bundled pair. With a tokenizer the prompts are real: the fixture speech (cut
+shorter per row) and the transcribe prompt, decoded to the end of the turn.
 
     python bench/speculative.py
-    python bench/speculative.py --model rawcast-tiny --drafter path/to/drafter --k 4
+    python bench/speculative.py --model rawcast-tiny --drafter rawcast-tiny-drafter --k 2
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from rawcast.model.gemma4 import Append, Gemma4Unified
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.speculative import SpecConfig, generate, greedy
 from rawcast.pipeline.engine import EngineConfig, EngineCore
+from rawcast.pipeline.logs import configure_logging
 from rawcast.pipeline.media import Event, TextEvent
 from rawcast.pipeline.session import SessionConfig, Tasks
 
@@ -230,6 +233,7 @@ def main() -> None:
         "--sessions", nargs="+", type=int, default=[1, 4], help="engine sessions (0: skip)"
     )
     args = ap.parse_args()
+    configure_logging("warning")  # the engine logs each session at info
     if args.threads:
         torch.set_num_threads(args.threads)
     model = loader.load(args.model) if args.model else random_target()

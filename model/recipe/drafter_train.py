@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -197,24 +196,10 @@ def train_drafter(
         raise RuntimeError(f"no training shards under {data_root}: run `rawcast train` first")
     batches = T.TrainConfig(batch=cfg.batch, seed=cfg.seed)
     params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
-    state_file = run_dir / "state.pt"
-    step, spent = 0, 0.0
-    if state_file.exists():
-        st = torch.load(state_file, map_location=device, weights_only=False)
-        drafter.load_state_dict(st["drafter"])
-        opt.load_state_dict(st["opt"])
-        step, spent = int(st["step"]), float(st.get("minutes", 0.0))
-        log(f"resumed from {state_file} at step {step}")
+    opt = T.adamw(params, cfg.lr, cfg.weight_decay)
+    run = T.RunState(run_dir, {"drafter": drafter, "opt": opt})
+    run.resume(device, log)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    t0 = time.time()
     schedule = T.TrainConfig(
         steps=cfg.steps,
         lr=cfg.lr,
@@ -222,54 +207,44 @@ def train_drafter(
         warmup=cfg.warmup,
         max_minutes=cfg.max_minutes,
     )
-
-    def minutes() -> float:
-        return spent + (time.time() - t0) / 60
+    minutes = run.minutes
 
     def save_state() -> None:
-        tmp = run_dir / "state.tmp.pt"
-        torch.save(
-            {
-                "drafter": drafter.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "minutes": minutes(),
-            },
-            tmp,
-        )
-        tmp.replace(state_file)
+        run.save()
         export(drafter, out_dir)
 
     ema: dict[str, float] = {}
     drafter.train()
     with (run_dir / "log.jsonl").open("a") as logf:
-        bar = tqdm(total=cfg.steps, initial=step, desc="drafter", dynamic_ncols=True, mininterval=5)
-        while step < cfg.steps:
-            if step % 100 == 0:
+        bar = tqdm(
+            total=cfg.steps, initial=run.step, desc="drafter", dynamic_ncols=True, mininterval=5
+        )
+        while run.step < cfg.steps:
+            if run.step % 100 == 0:
                 corpus.refresh()
-            batch = T.make_batch(fmt, corpus, batches, step)
+            batch = T.make_batch(fmt, corpus, batches, run.step)
             p, labels = T.pack_batch(target, batch)
             feats = target_features(target, p)
             for g in opt.param_groups:
-                g["lr"] = T.lr_at(step, schedule, minutes())
+                g["lr"] = T.lr_at(run.step, schedule, minutes())
             out = draft_losses(drafter, target, p, labels, feats, cfg.k)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
+            run.step += 1
             vals = {n: float(v.detach()) for n, v in out.items()}
             for n, v in vals.items():
                 ema[n] = v if n not in ema else 0.95 * ema[n] + 0.05 * v
             bar.update(1)
             bar.set_postfix({n: f"{ema[n]:.3f}" for n in ("loss", "accept")})
-            logf.write(json.dumps({"step": step, "min": minutes(), **vals}) + "\n")
+            logf.write(json.dumps({"step": run.step, "min": minutes(), **vals}) + "\n")
             logf.flush()
-            if step % cfg.export_every == 0 or step == cfg.steps:
+            if run.step % cfg.export_every == 0 or run.step == cfg.steps:
                 save_state()
-                log(f"step {step}: " + " ".join(f"{n}={v:.3f}" for n, v in ema.items()))
+                log(f"step {run.step}: " + " ".join(f"{n}={v:.3f}" for n, v in ema.items()))
             if minutes() > cfg.max_minutes:
-                log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+                log(f"time budget of {cfg.max_minutes} min reached at step {run.step}")
                 save_state()
                 break
         bar.close()

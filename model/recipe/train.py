@@ -479,6 +479,49 @@ def export(model: Gemma4Unified, out: Path) -> None:
     publish(out, lambda tmp: save(model, tmp))
 
 
+def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, scalars or biases)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+
+class RunState:
+    """A resumable run's ``run_dir/state.pt``: named state dicts, the step, and the
+    training minutes spent (the time budget counts across resumed runs)."""
+
+    def __init__(self, run_dir: Path, parts: dict[str, Any]) -> None:
+        self.file = run_dir / "state.pt"
+        self.parts = parts  # name -> module or optimizer (anything with state_dict())
+        self.step = 0
+        self.spent = 0.0
+        self.t0 = time.time()
+
+    def resume(self, device: torch.device, log: Any = print) -> None:
+        if not self.file.exists():
+            return
+        st = torch.load(self.file, map_location=device, weights_only=False)
+        for name, part in self.parts.items():
+            part.load_state_dict(st[name])
+        self.step, self.spent = int(st["step"]), float(st.get("minutes", 0.0))
+        self.t0 = time.time()
+        log(f"resumed from {self.file} at step {self.step}")
+
+    def minutes(self) -> float:
+        return self.spent + (time.time() - self.t0) / 60
+
+    def save(self) -> None:
+        tmp = self.file.with_name("state.tmp.pt")
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        torch.save({**state, "step": self.step, "minutes": self.minutes()}, tmp)
+        tmp.replace(self.file)
+
+
 def train(
     data_root: Path,
     run_dir: Path,
@@ -511,73 +554,41 @@ def train(
     model.to(device)
     head.to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
-    state_file = run_dir / "state.pt"
-    step = 0
-    spent = 0.0  # minutes of training before this run (resumed runs)
-    if state_file.exists():
-        st = torch.load(state_file, map_location=device, weights_only=False)
-        model.load_state_dict(st["model"])
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        step = int(st["step"])
-        spent = float(st.get("minutes", 0.0))
-        log(f"resumed from {state_file} at step {step}")
+    opt = adamw(params, cfg.lr, cfg.weight_decay)
+    run = RunState(run_dir, {"model": model, "head": head, "opt": opt})
+    run.resume(device, log)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model.train()
-    t0 = time.time()
     logf = (run_dir / "log.jsonl").open("a")
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=5)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True, mininterval=5)
     ema: dict[str, float] = {}
-
-    def minutes() -> float:
-        return spent + (time.time() - t0) / 60
+    minutes = run.minutes
 
     def save_state() -> None:
-        tmp = run_dir / "state.tmp.pt"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "head": head.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "minutes": minutes(),
-            },
-            tmp,
-        )
-        tmp.replace(state_file)
+        run.save()
         model.eval()
         export(model, out_dir)
         model.train()
 
-    while step < cfg.steps:
-        if step % 100 == 0:
+    while run.step < cfg.steps:
+        if run.step % 100 == 0:
             corpus.refresh()
-        batch = make_batch(fmt, corpus, cfg, step, lex)
+        batch = make_batch(fmt, corpus, cfg, run.step, lex)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, minutes())
+            g["lr"] = lr_at(run.step, cfg, minutes())
         out = losses(model, head, batch, cfg)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
+        run.step += 1
         vals = {k: float(v.detach()) for k, v in out.items()}
         for k, v in vals.items():
             ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
         bar.update(1)
         bar.set_postfix({k: f"{ema[k]:.3f}" for k in ("loss", "ce", "ctc") if k in ema})
         rec = {
-            "step": step,
+            "step": run.step,
             "lr": opt.param_groups[0]["lr"],
             "gnorm": float(gn),
             "min": minutes(),
@@ -585,11 +596,11 @@ def train(
         }
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
-        if step % cfg.export_every == 0 or step == cfg.steps:
+        if run.step % cfg.export_every == 0 or run.step == cfg.steps:
             save_state()
-            log(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ema.items()))
+            log(f"step {run.step}: " + " ".join(f"{k}={v:.3f}" for k, v in ema.items()))
         if minutes() > cfg.max_minutes:
-            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+            log(f"time budget of {cfg.max_minutes} min reached at step {run.step}")
             save_state()
             break
     bar.close()

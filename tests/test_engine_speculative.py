@@ -309,3 +309,41 @@ def test_the_bundled_drafter_drafts_for_the_bundled_model() -> None:
     (want, _, _), (got, acceptance, drafted) = outs
     assert got == want and any(e.text for e in want if isinstance(e, TextEvent))
     assert drafted > 0 and acceptance > 0.25, acceptance
+
+
+def test_verify_rows_count_against_the_tick_token_budget(model: Gemma4Unified) -> None:
+    """``max_tokens_per_tick`` bounds a tick's forward with a drafter too: a decode row
+    is charged as the verify row it may become (1 + k_max tokens), so once one session
+    has filled the budget no other session's rows join the forward (before, decode rows
+    were charged one token and four sessions' verify rows could share a tick)."""
+    budget = 3
+    totals: list[tuple[int, int]] = []  # (all tokens, the largest single slot's tokens)
+    real = model.step_hidden
+
+    def spy(rows: Sequence[Append], cache: KVCache) -> torch.Tensor:
+        per_slot: dict[int, int] = {}
+        for r in rows:
+            per_slot[r.slot] = per_slot.get(r.slot, 0) + len(r.tokens)
+        totals.append((sum(per_slot.values()), max(per_slot.values())))
+        return real(rows, cache)
+
+    model.step_hidden = spy  # type: ignore[method-assign]
+    try:
+        core = EngineCore(
+            model,
+            EngineConfig(max_sessions=4, max_tokens_per_tick=budget),
+            drafter=Cheat(model, 0.1),
+            spec=SpecConfig(k=3, k_max=4),
+        )
+        cfg = SessionConfig(tasks=Tasks(transcribe=True, translate="Spanish"), vad=None)
+        pcm = fixture_pcm()[:16000]
+        sessions = [core.open(cfg) for _ in range(4)]
+        for s in sessions:
+            s.push_audio(pcm, 16000)
+            s.flush()
+        core.run_until_idle()
+    finally:
+        del model.step_hidden
+    assert core.drafted > 0 and any(s.outbox for s in sessions)
+    # every session but the last one admitted stays under the budget
+    assert all(total - largest < budget for total, largest in totals), totals

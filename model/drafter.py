@@ -52,7 +52,13 @@ from rawcast.model.gemma4 import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from rawcast.model.loader import CheckpointError, _file_items, read_config, resolve
+from rawcast.model.loader import (
+    CheckpointError,
+    _file_items,
+    read_config,
+    resolve,
+    write_checkpoint,
+)
 
 ASSISTANT = "gemma4_unified_assistant"
 
@@ -258,6 +264,40 @@ class Drafter(nn.Module):
             x = x * layer.layer_scalar
         return self.norm(x)
 
+    def visible(self, kv_pos: torch.Tensor, q_pos: torch.Tensor, sliding: bool) -> torch.Tensor:
+        """Which target K/V entries (positions (B, K), -1: empty) the draft queries at
+        ``q_pos`` (B, Tq) attend to: (B, 1, Tq, K). Strictly earlier positions; sliding
+        layers only the last ``sliding_window + 1`` (transformers' assistant mask)."""
+        kp, qp = kv_pos[:, None, :], q_pos[:, :, None]
+        seen = (kp >= 0) & (kp < qp)
+        if sliding:
+            seen &= kp >= qp - (self.cfg.text.sliding_window + 1)
+        return seen[:, None]
+
+    def rope(self, q_pos: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """Rotary tables of the draft queries, per layer kind (key: sliding?)."""
+        return {
+            True: rope_cos_sin(q_pos, self.inv_freq_sliding, self.dtype),
+            False: rope_cos_sin(q_pos, self.inv_freq_full, self.dtype),
+        }
+
+    def embed_target(self, target: Gemma4Unified, tok: torch.Tensor) -> torch.Tensor:
+        """The target's scaled embedding of ``tok``: a draft step's token input."""
+        w = target.embed_tokens.weight
+        scale = torch.tensor(target.cfg.text.hidden_size**0.5).to(w.dtype)
+        return (F.embedding(tok, w) * scale).to(self.dtype)
+
+    def draft_step(
+        self,
+        e: torch.Tensor,
+        h: torch.Tensor,
+        rope: dict[bool, tuple[torch.Tensor, torch.Tensor]],
+        kv: dict[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """One draft step for queries (B, T): token embeddings ``e`` and the previous states
+        ``h`` (B, T, H_target) -> final-normed drafter states (B, T, H)."""
+        return self.decode(self.pre_projection(torch.cat([e, h], dim=-1)), rope, kv)
+
     def greedy(self, x: torch.Tensor, suppress: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed states (B, H) -> the argmax token (B,), ``suppress`` ids excluded."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -293,34 +333,24 @@ class Drafter(nn.Module):
         tt = target.cfg.text
         dt = self.dtype
         q_pos = p.positions  # (B, 1): every draft step queries at the newest token's position
-        window = self.cfg.text.sliding_window + 1
         kv: dict[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for sliding, layers in ((True, tt.sliding_layers), (False, tt.full_layers)):
             if not layers or not any(lay.sliding == sliding for lay in self.layers):
                 continue
             kk, vv, pos = target.cached_kv(p, cache, layers[-1])
-            seen = (pos >= 0) & (pos < q_pos)
-            if sliding:
-                seen &= pos >= q_pos - window
-            kv[sliding] = (kk.to(dt), vv.to(dt), seen[:, None, None, :])
-        rope = {
-            True: rope_cos_sin(q_pos, self.inv_freq_sliding, dt),
-            False: rope_cos_sin(q_pos, self.inv_freq_full, dt),
-        }
-        w = target.embed_tokens.weight
-        scale = torch.tensor(tt.hidden_size**0.5).to(w.dtype)
-        tok = p.input_ids[:, 0]
-        h = hidden.to(dt)
+            kv[sliding] = (kk.to(dt), vv.to(dt), self.visible(pos, q_pos, sliding))
+        rope = self.rope(q_pos)
+        tok = p.input_ids[:, :1]
+        h = hidden.to(dt)[:, None]
         out = []
         for _ in range(k):
-            e = (F.embedding(tok, w) * scale).to(dt)
-            x = self.decode(self.pre_projection(torch.cat([e, h], dim=-1)).unsqueeze(1), rope, kv)
-            tok = self.greedy(x[:, 0], suppress)
-            h = self.post_projection(x[:, 0])
+            x = self.draft_step(self.embed_target(target, tok), h, rope, kv)
+            tok = self.greedy(x[:, 0], suppress)[:, None]
+            h = self.post_projection(x)
             out.append(tok)
         if not out:
             return torch.zeros((len(rows), 0), dtype=torch.long, device=q_pos.device)
-        return torch.stack(out, dim=1)
+        return torch.cat(out, dim=1)
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -348,22 +378,7 @@ def checkpoint_key(name: str) -> str:
 
 def save(model: Drafter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + model.safetensors that both rawcast and transformers load."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    tensors = {
-        checkpoint_key(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-        .detach()
-        .contiguous()
-        .cpu()
-        for k, v in model.state_dict().items()
-    }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return write_checkpoint(path, model.cfg.to_dict(), model.state_dict(), checkpoint_key, dtype)
 
 
 def load_config(path: Path) -> DrafterConfig:

@@ -206,21 +206,37 @@ def checkpoint_key(name: str) -> str:
     return "model.language_model." + name
 
 
+def write_checkpoint(
+    path: str | Path,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    key: Callable[[str], str],
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """config.json + model.safetensors: ``state`` under the checkpoint keys ``key(name)``,
+    floating-point tensors cast to ``dtype`` when given."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {
+        key(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        .detach()
+        .contiguous()
+        .cpu()
+        for k, v in state.items()
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def save(model: Gemma4Unified, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + model.safetensors that both rawcast and transformers load.
 
     The tokenizer, when the model has one, is written as tokenizer.json.
     """
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    tensors = {
-        checkpoint_key(k): (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    out = write_checkpoint(path, model.cfg.to_dict(), model.state_dict(), checkpoint_key, dtype)
     if model.tokenizer is not None:
         model.tokenizer.save(out / "tokenizer.json")
     return out

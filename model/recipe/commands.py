@@ -147,18 +147,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.drafter:
         from rawcast.model.recipe import drafter_train as DT
 
-        base = DT.DrafterTrainConfig()
         DT.train_command(
             target=args.target,
             data_dir=args.data_dir,
             run_dir=args.run_dir or DRAFTER_RUN,
             out_dir=args.out,
-            cfg=DT.DrafterTrainConfig(
-                steps=args.steps or base.steps,
-                batch=args.batch,
-                max_minutes=args.max_minutes or base.max_minutes,
-                threads=args.threads,
-            ),
+            cfg=DT.DrafterTrainConfig(batch=args.batch, threads=args.threads, **_given(args)),
         )
         return 0
     train_command(
@@ -170,9 +164,14 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers,
         batch=args.batch,
         threads=args.threads,
-        **{k: v for k in ("steps", "max_minutes") if (v := getattr(args, k)) is not None},
+        **_given(args),
     )
     return 0
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """--steps and --max-minutes when given (each mode has its own defaults)."""
+    return {k: v for k in ("steps", "max_minutes") if (v := getattr(args, k)) is not None}
 
 
 def _eval(args: argparse.Namespace) -> int:

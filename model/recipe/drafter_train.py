@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from rawcast.model.config import FULL, SLIDING, TextConfig
 from rawcast.model.drafter import Drafter, DrafterConfig, save
-from rawcast.model.gemma4 import Gemma4Unified, Packed, rope_cos_sin
+from rawcast.model.gemma4 import Gemma4Unified, Packed
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.recipe import train as T
 
@@ -127,27 +127,16 @@ def draft_losses(
     q_pos = p.positions[:, 1:]  # query at p = 1 .. t - 1
     base = lab[:, : t - 1] != -100  # p - 1 predicts an answer token: p is an answer position
     kpos = torch.where(p.valid, p.positions, torch.full_like(p.positions, -1))
-    before = (kpos[:, None, :] >= 0) & (kpos[:, None, :] < q_pos[:, :, None])  # (B, T-1, T)
-    window = drafter.cfg.text.sliding_window + 1
-    kv: dict[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for sliding, (kk, vv) in feats.kv.items():
-        seen = before & (kpos[:, None, :] >= q_pos[:, :, None] - window) if sliding else before
-        kv[sliding] = (kk, vv, seen[:, None])
-    dt = drafter.dtype
-    rope = {
-        True: rope_cos_sin(q_pos, drafter.inv_freq_sliding, dt),
-        False: rope_cos_sin(q_pos, drafter.inv_freq_full, dt),
-    }
-    w = target.embed_tokens.weight
-    scale = target.cfg.text.hidden_size**0.5
-    e = F.embedding(p.input_ids[:, 1:], w) * scale
+    kv = {s: (kk, vv, drafter.visible(kpos, q_pos, s)) for s, (kk, vv) in feats.kv.items()}
+    rope = drafter.rope(q_pos)
+    e = drafter.embed_target(target, p.input_ids[:, 1:])
     h = feats.hidden[:, :-1]
     total = torch.zeros((), device=labels.device)
     chain = base.clone()
     accepted = torch.zeros((), device=labels.device)
     out: dict[str, torch.Tensor] = {}
     for j in range(k):
-        x = drafter.decode(drafter.pre_projection(torch.cat([e, h], dim=-1)), rope, kv)
+        x = drafter.draft_step(e, h, rope, kv)
         want = greedy[:, 1 + j : t + j]
         sel = base & (lab[:, 1 + j : t + j] != -100)
         logits = F.linear(x[sel], drafter.embed_tokens.weight).float()
@@ -158,7 +147,7 @@ def draft_losses(
         hit[sel] = logits.argmax(-1) == want[sel]
         chain = chain & hit
         accepted = accepted + chain.sum()
-        e = F.embedding(want, w) * scale
+        e = drafter.embed_target(target, want)
         h = drafter.post_projection(x)
     out["loss"] = total
     out["accept"] = (accepted / base.sum().clamp(min=1)).detach()
@@ -174,10 +163,6 @@ def train_drafter(
     log: Any = print,
 ) -> Path:
     """Train (or resume) a drafter for the frozen ``target``; export to ``out_dir``."""
-    import importlib
-
-    tqdm = importlib.import_module("tqdm").tqdm  # untyped; imported here (an optional extra)
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if target.tokenizer is None:
@@ -197,57 +182,28 @@ def train_drafter(
     batches = T.TrainConfig(batch=cfg.batch, seed=cfg.seed)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = T.adamw(params, cfg.lr, cfg.weight_decay)
-    run = T.RunState(run_dir, {"drafter": drafter, "opt": opt})
-    run.resume(device, log)
+    run = T.RunState(run_dir, {"drafter": drafter, "opt": opt}, cfg,
+                     lambda: export(drafter, out_dir), desc="drafter",
+                     shown=("loss", "accept"), log=log)  # fmt: skip
+    run.resume(device)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    schedule = T.TrainConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        warmup=cfg.warmup,
-        max_minutes=cfg.max_minutes,
-    )
-    minutes = run.minutes
-
-    def save_state() -> None:
-        run.save()
-        export(drafter, out_dir)
-
-    ema: dict[str, float] = {}
     drafter.train()
-    with (run_dir / "log.jsonl").open("a") as logf:
-        bar = tqdm(
-            total=cfg.steps, initial=run.step, desc="drafter", dynamic_ncols=True, mininterval=5
-        )
-        while run.step < cfg.steps:
-            if run.step % 100 == 0:
-                corpus.refresh()
-            batch = T.make_batch(fmt, corpus, batches, run.step)
-            p, labels = T.pack_batch(target, batch)
-            feats = target_features(target, p)
-            for g in opt.param_groups:
-                g["lr"] = T.lr_at(run.step, schedule, minutes())
-            out = draft_losses(drafter, target, p, labels, feats, cfg.k)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            run.step += 1
-            vals = {n: float(v.detach()) for n, v in out.items()}
-            for n, v in vals.items():
-                ema[n] = v if n not in ema else 0.95 * ema[n] + 0.05 * v
-            bar.update(1)
-            bar.set_postfix({n: f"{ema[n]:.3f}" for n in ("loss", "accept")})
-            logf.write(json.dumps({"step": run.step, "min": minutes(), **vals}) + "\n")
-            logf.flush()
-            if run.step % cfg.export_every == 0 or run.step == cfg.steps:
-                save_state()
-                log(f"step {run.step}: " + " ".join(f"{n}={v:.3f}" for n, v in ema.items()))
-            if minutes() > cfg.max_minutes:
-                log(f"time budget of {cfg.max_minutes} min reached at step {run.step}")
-                save_state()
-                break
-        bar.close()
+    while run.running():
+        if run.step % 100 == 0:
+            corpus.refresh()
+        batch = T.make_batch(fmt, corpus, batches, run.step)
+        p, labels = T.pack_batch(target, batch)
+        feats = target_features(target, p)
+        for g in opt.param_groups:
+            g["lr"] = run.lr()
+        out = draft_losses(drafter, target, p, labels, feats, cfg.k)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if not run.record({n: float(v.detach()) for n, v in out.items()}):
+            break
+    run.close()
     return out_dir
 
 

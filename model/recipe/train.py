@@ -27,6 +27,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -441,7 +442,24 @@ def losses(
     return out
 
 
-def lr_at(step: int, cfg: TrainConfig, minutes: float = 0.0) -> float:
+class Schedule(Protocol):
+    """What ``lr_at`` reads (``TrainConfig`` and the drafter's config both have it)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def min_lr(self) -> float: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def max_minutes(self) -> float: ...
+    @property
+    def export_every(self) -> int: ...
+
+
+def lr_at(step: int, cfg: Schedule, minutes: float = 0.0) -> float:
     """Warmup, then cosine decay over whichever runs out first: steps or the time budget."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -492,34 +510,87 @@ def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> tor
 
 
 class RunState:
-    """A resumable run's ``run_dir/state.pt``: named state dicts, the step, and the
-    training minutes spent (the time budget counts across resumed runs)."""
+    """A resumable run: ``run_dir/state.pt`` (named state dicts, the step, the training
+    minutes spent, which count across resumed runs), ``log.jsonl``, a progress bar, the
+    learning-rate schedule, periodic saves and the time budget."""
 
-    def __init__(self, run_dir: Path, parts: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        parts: dict[str, Any],
+        cfg: Schedule,
+        export: Callable[[], None],
+        desc: str = "train",
+        shown: Sequence[str] = ("loss",),
+        log: Any = print,
+    ) -> None:
         self.file = run_dir / "state.pt"
+        self.logfile = run_dir / "log.jsonl"
         self.parts = parts  # name -> module or optimizer (anything with state_dict())
+        self.cfg = cfg
+        self.export = export
+        self.desc = desc
+        self.shown = shown
+        self.log = log
         self.step = 0
         self.spent = 0.0
         self.t0 = time.time()
+        self.ema: dict[str, float] = {}
+        self.bar: Any = None
 
-    def resume(self, device: torch.device, log: Any = print) -> None:
-        if not self.file.exists():
-            return
-        st = torch.load(self.file, map_location=device, weights_only=False)
-        for name, part in self.parts.items():
-            part.load_state_dict(st[name])
-        self.step, self.spent = int(st["step"]), float(st.get("minutes", 0.0))
+    def resume(self, device: torch.device) -> None:
+        if self.file.exists():
+            st = torch.load(self.file, map_location=device, weights_only=False)
+            for name, part in self.parts.items():
+                part.load_state_dict(st[name])
+            self.step, self.spent = int(st["step"]), float(st.get("minutes", 0.0))
+            self.log(f"resumed from {self.file} at step {self.step}")
         self.t0 = time.time()
-        log(f"resumed from {self.file} at step {self.step}")
+        tqdm = importlib.import_module("tqdm").tqdm  # untyped; imported here (an optional extra)
+        self.bar = tqdm(
+            total=self.cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True,
+            mininterval=5,
+        )  # fmt: skip
 
     def minutes(self) -> float:
         return self.spent + (time.time() - self.t0) / 60
+
+    def lr(self) -> float:
+        return lr_at(self.step, self.cfg, self.minutes())
+
+    def running(self) -> bool:
+        return self.step < self.cfg.steps
 
     def save(self) -> None:
         tmp = self.file.with_name("state.tmp.pt")
         state = {name: part.state_dict() for name, part in self.parts.items()}
         torch.save({**state, "step": self.step, "minutes": self.minutes()}, tmp)
         tmp.replace(self.file)
+        self.export()
+
+    def record(self, vals: dict[str, float], **extra: float) -> bool:
+        """After a step: count it, log it, save and export when due. False once the time
+        budget is spent (the state is saved first)."""
+        self.step += 1
+        for k, v in vals.items():
+            self.ema[k] = v if k not in self.ema else 0.95 * self.ema[k] + 0.05 * v
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{self.ema[k]:.3f}" for k in self.shown if k in self.ema})
+        rec = {"step": self.step, **extra, "min": self.minutes(), **vals}
+        with self.logfile.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.step % self.cfg.export_every == 0 or self.step == self.cfg.steps:
+            self.save()
+            self.log(f"step {self.step}: " + " ".join(f"{k}={v:.3f}" for k, v in self.ema.items()))
+        if self.minutes() > self.cfg.max_minutes:
+            self.log(f"time budget of {self.cfg.max_minutes} min reached at step {self.step}")
+            self.save()
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(
@@ -531,10 +602,6 @@ def train(
     log: Any = print,
 ) -> Path:
     """Train (or resume) and export to ``out_dir``. Returns ``out_dir``."""
-    import importlib
-
-    tqdm = importlib.import_module("tqdm").tqdm  # untyped; imported here (an optional extra)
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -555,56 +622,32 @@ def train(
     head.to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = adamw(params, cfg.lr, cfg.weight_decay)
-    run = RunState(run_dir, {"model": model, "head": head, "opt": opt})
-    run.resume(device, log)
-    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    model.train()
-    logf = (run_dir / "log.jsonl").open("a")
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True, mininterval=5)
-    ema: dict[str, float] = {}
-    minutes = run.minutes
 
-    def save_state() -> None:
-        run.save()
+    def save_model() -> None:
         model.eval()
         export(model, out_dir)
         model.train()
 
-    while run.step < cfg.steps:
+    run = RunState(run_dir, {"model": model, "head": head, "opt": opt}, cfg, save_model,
+                   shown=("loss", "ce", "ctc"), log=log)  # fmt: skip
+    run.resume(device)
+    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    model.train()
+    while run.running():
         if run.step % 100 == 0:
             corpus.refresh()
         batch = make_batch(fmt, corpus, cfg, run.step, lex)
         for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, cfg, minutes())
+            g["lr"] = run.lr()
         out = losses(model, head, batch, cfg)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        run.step += 1
         vals = {k: float(v.detach()) for k, v in out.items()}
-        for k, v in vals.items():
-            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
-        bar.update(1)
-        bar.set_postfix({k: f"{ema[k]:.3f}" for k in ("loss", "ce", "ctc") if k in ema})
-        rec = {
-            "step": run.step,
-            "lr": opt.param_groups[0]["lr"],
-            "gnorm": float(gn),
-            "min": minutes(),
-            **vals,
-        }
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        if run.step % cfg.export_every == 0 or run.step == cfg.steps:
-            save_state()
-            log(f"step {run.step}: " + " ".join(f"{k}={v:.3f}" for k, v in ema.items()))
-        if minutes() > cfg.max_minutes:
-            log(f"time budget of {cfg.max_minutes} min reached at step {run.step}")
-            save_state()
+        if not run.record(vals, lr=opt.param_groups[0]["lr"], gnorm=float(gn)):
             break
-    bar.close()
-    logf.close()
+    run.close()
     return out_dir
 
 

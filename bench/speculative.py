@@ -31,6 +31,7 @@ import dataclasses
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -153,6 +154,38 @@ def speech_prompts(model: Gemma4Unified, batch: int) -> tuple[list[Append], list
     return prompts, closing
 
 
+def step_costs(model: Gemma4Unified, drafter: Drafter, reps: int = 50) -> dict[str, float]:
+    """Batch 1, after a prompt: ms of one target step (one token) and of drafting k=1 and
+    k=4 tokens (median; the cache is rolled back after every target step)."""
+    if model.tokenizer is not None:
+        prompts, _ = speech_prompts(model, 1)
+    else:
+        prompts = [Append(0, torch.arange(3, 200) % 250 + 3)]
+    cache = KVCache(model.cfg.text, CacheSpec(slots=1, full_capacity=1024, branch_room=64))
+    hidden = model.step_hidden(prompts, cache)[:, len(prompts[0].tokens) - 1]
+    tok = [Append(0, [int(model.head(hidden).argmax(-1))])]
+    mark = cache.mark(0)
+
+    def target() -> None:
+        model.step_hidden(tok, cache)
+        cache.rollback(0, mark)
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    return {
+        "target": median_ms(target),
+        "draft1": median_ms(lambda: drafter.propose(model, cache, tok, hidden, 1)),
+        "draft4": median_ms(lambda: drafter.propose(model, cache, tok, hidden, 4)),
+    }
+
+
 def speech() -> npt.NDArray[np.float32]:
     """The test fixture (an espeak sentence), 16 kHz mono float32."""
     with av.open(str(FIXTURE)) as c:
@@ -248,6 +281,12 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; target {args.model or 'random tiny'}, "
         f"drafter {args.drafter or 'random'}; k={args.k} (max {args.k_max}), {args.new} tokens"
+    )
+    with torch.inference_mode():
+        c = step_costs(model, drafter)
+    print(
+        f"# batch-1 cost: target step {c['target']:.2f} ms; drafting k=1 {c['draft1']:.2f} ms, "
+        f"k=4 {c['draft4']:.2f} ms ({(c['draft4'] - c['draft1']) / 3:.2f} ms per extra step)"
     )
     print("batch  plain tok/s  spec tok/s  acceptance  forwards plain/spec  latency ms plain/spec")
     for b in args.batches:

@@ -121,8 +121,8 @@ def compile_layers(model: Gemma4Unified) -> None:
 
 def compiled(fn: Any) -> Any:
     """``torch.compile`` with dynamic shapes and inductor's C++ wrapper: the graph's kernels
-    are launched from generated C++, not Python, which cut a compiled tiny-model step by
-    10-30 % on this project's CPU VM (batch 1-32)."""
+    are launched from generated C++, not Python (``bench/step.py --compile``; figures in
+    the README)."""
     import torch
     import torch._inductor.config as inductor
 

@@ -10,8 +10,9 @@ audio frames at batch 1, plus the KV-cache memory of one slot.
     python bench/step.py --compile             # also rawcast with torch.compile
 
 ``--compile`` applies ``torch.compile`` from outside the model code to
-``Gemma4Unified.run_layers`` (the pure tensor part of the step; host bookkeeping
-stays eager) and adds a column for it; the warm-up absorbs compilation.
+``Gemma4Unified.cached_step`` (the whole device part of the step: embedding, masks,
+cache reads, layers and cache writes; packing and lengths stay on the host) and adds
+a column for it; the warm-up absorbs compilation.
 """
 
 from __future__ import annotations
@@ -72,15 +73,15 @@ def interleaved(
     """Median seconds per call of rawcast eager, transformers and (``--compile``) rawcast
     compiled, measured round-robin (one call of each per round) so that a machine whose
     load drifts during the run slows all three alike."""
-    plain = model.run_layers
+    plain = model.cached_step
     compiled = COMPILED.get("fn") if COMPILED["on"] else None
 
     def comp() -> None:
-        model.run_layers = compiled
+        model.cached_step = compiled
         try:
             ours()
         finally:
-            model.run_layers = plain
+            model.cached_step = plain
 
     fns: list[Callable[[], Any]] = [ours, theirs] + ([comp] if compiled else [])
     for fn in fns:
@@ -180,7 +181,7 @@ def bench_config(
     cfg = preset(name)
     model = from_state_dict(cfg, hf.state_dict(), dtype=dtype)
     if COMPILED["on"]:
-        COMPILED["fn"] = compiled(model.run_layers)
+        COMPILED["fn"] = compiled(model.cached_step)
     # both caches grow by n per timed call (warm-ups, eager and compiled runs)
     full = PROMPT + max(appends, default=0) * (2 * reps + 4) + 64
     spec = CacheSpec(slots=max(batches), full_capacity=full, branch_room=256)

@@ -75,12 +75,10 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def block_ids(input_ids: torch.Tensor, image_id: int, video_id: int) -> torch.Tensor:
     """Runs of image/video placeholders -> block index per row (-1 elsewhere)."""
-    is_vis = (input_ids == image_id) | (input_ids == video_id)
-    prev = torch.zeros_like(is_vis)
-    prev[:, 1:] = is_vis[:, :-1]
-    starts = is_vis & ~prev
-    ids = torch.cumsum(starts.long(), dim=1) - 1
-    return torch.where(is_vis, ids, torch.full_like(ids, -1))
+    is_vis = ((input_ids == image_id) | (input_ids == video_id)).long()
+    starts = is_vis * (1 - F.pad(is_vis[:, :-1], (1, 0)))  # integer math: inductor-friendly
+    ids = torch.cumsum(starts, dim=1) - 1
+    return torch.where(is_vis > 0, ids, torch.full_like(ids, -1))
 
 
 # --- modules ------------------------------------------------------------------------------
@@ -237,6 +235,7 @@ class Packed:
     branches: torch.Tensor | None = None  # (B,) branch buffer row (the empty row if none)
     is_branch: torch.Tensor | None = None  # (B,) bool
     bases: torch.Tensor | None = None  # (B,) position of each branch's first token
+    first_slot: int = -1  # the first slot when the slots are consecutive, else -1
 
 
 @dataclass
@@ -261,12 +260,11 @@ def _fill(x: torch.Tensor, mask: torch.Tensor, src: torch.Tensor) -> torch.Tenso
 def _rows(buf: torch.Tensor, p: Packed, length: int, dim: int) -> torch.Tensor:
     """The cache rows of the step's slots, first ``length`` entries along ``dim``.
 
-    A view when the slots are contiguous, else a gather.
+    A view when the slots are consecutive (``p.first_slot``), else a gather.
     """
-    first = p.slot_list[0]
-    if p.slot_list == list(range(first, first + len(p.slot_list))):
-        return buf.narrow(0, first, len(p.slot_list)).narrow(dim, 0, length)
-    return buf.index_select(0, p.slots).narrow(dim, 0, length)
+    if p.first_slot >= 0:
+        return buf.narrow(0, p.first_slot, p.slots.shape[0]).narrow(dim, 0, length)
+    return buf.narrow(dim, 0, length).index_select(0, p.slots)
 
 
 def _kv_bucket(n: int, full: int) -> int:
@@ -383,6 +381,7 @@ class Gemma4Unified(nn.Module):
             else None,
             is_branch=torch.tensor([r.branch is not None for r in rows], device=dev),
             bases=torch.tensor(bases, dtype=torch.long, device=dev),
+            first_slot=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else -1,
         )
 
     def _gather_media(
@@ -509,20 +508,39 @@ class Gemma4Unified(nn.Module):
 
     def hidden_packed(self, p: Packed, cache: KVCache | None = None) -> torch.Tensor:
         """Run one ragged step; returns the final-normed hidden states (B, T, H) of every token."""
-        x = self.embed(p)
         if cache is None:
-            x, _ = self.run_layers(x, p.positions, self._masks(p, None), None)
+            x, _ = self.run_layers(self.embed(p), p.positions, self._masks(p, None), None)
             return self.norm(x)
-        plan = self.plan(p, cache)
-        x, new = self.run_layers(x, p.positions, plan.masks, self.gather_past(p, cache, plan))
-        self.store(p, cache, plan, new)
+        kv = self._kv_lengths(p, cache)
+        x = self.cached_step(p, cache, kv[True], kv[False], kv[None])
+        self._advance(p, cache)
+        return x
+
+    def cached_step(
+        self, p: Packed, cache: KVCache, kv_sliding: int, kv_full: int, kv_branch: int
+    ) -> torch.Tensor:
+        """The whole device part of a cached step, as one function of tensors and sizes.
+
+        Embedding, masks, write indices, the cached K/V read, the layers, the K/V and
+        position writes, the final norm: it reads no host bookkeeping (lengths and
+        slot lists stay outside; ``kv_*`` are the entries read per buffer kind), so
+        ``torch.compile`` can take the step whole (``rawcast.transports.runtime``)
+        and a CUDA graph could capture it. ``hidden_packed`` advances the lengths.
+        """
+        plan = self.plan(p, cache, {True: kv_sliding, False: kv_full, None: kv_branch})
+        x, new = self.run_layers(
+            self.embed(p), p.positions, plan.masks, self.gather_past(p, cache, plan)
+        )
+        self.write_kv(p, cache, plan, new)
         return self.norm(x)
 
-    def plan(self, p: Packed, cache: KVCache) -> StepPlan:
-        """Host-side bookkeeping of a cached step: what to read, masks, where to write."""
+    def plan(
+        self, p: Packed, cache: KVCache, kv_len: dict[bool | None, int] | None = None
+    ) -> StepPlan:
+        """Bookkeeping of a cached step: what to read, masks, where to write."""
         t = self.cfg.text
         assert p.is_branch is not None and p.bases is not None
-        kv_len = self._kv_lengths(p, cache)
+        kv_len = kv_len if kv_len is not None else self._kv_lengths(p, cache)
         write_idx: dict[bool, torch.Tensor] = {}
         branch_idx: torch.Tensor | None = None
         last_pos = p.positions.gather(1, p.last.view(-1, 1))
@@ -610,6 +628,17 @@ class Gemma4Unified(nn.Module):
         new: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         """Write the step's new K/V into the cache and advance its bookkeeping."""
+        self.write_kv(p, cache, plan, new)
+        self._advance(p, cache)
+
+    def write_kv(
+        self,
+        p: Packed,
+        cache: KVCache,
+        plan: StepPlan,
+        new: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """The device half of ``store``: K/V and their positions into the buffers."""
         for i, (k, v) in enumerate(new):
             idx = plan.write_idx[self.cfg.text.is_sliding(i)]
             cache.write(i, p.slots, idx, k, v)
@@ -655,6 +684,9 @@ class Gemma4Unified(nn.Module):
             cache.pos_branch.index_put_((bi, branch_idx), p.positions)
             cache.pos_branch[:, -1] = -1
             cache.pos_branch[-1] = -1  # the stand-in row stays empty
+
+    def _advance(self, p: Packed, cache: KVCache) -> None:
+        """Host half of ``store``: the lengths grow by each row's real tokens."""
         for slot, br, n in zip(p.slot_list, p.branch_list, p.lengths, strict=True):
             if br is None:
                 cache.advance(slot, n)

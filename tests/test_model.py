@@ -370,3 +370,44 @@ def test_branch_room_is_enforced(tiny: rm.Gemma4Unified) -> None:
     tiny.step([Append(0, [7, 8, 9], branch=0)], cache)
     with pytest.raises(rm.cache.CacheFullError, match="branch_room"):
         tiny.step([Append(0, [10, 11], branch=0)], cache)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_step_equals_eager(checkpoints: dict[str, tuple[Any, Path]]) -> None:
+    """The whole device step under torch.compile (what ``--compile`` runs): a ragged
+    prefill with audio and an image, decodes, a rollback and more decodes give the eager
+    logits and cache, and one graph per kind of step serves them all. (Few steps: each
+    graph costs a C++ compile of about a minute on the CI machine.)"""
+    import torch._dynamo
+
+    from rawcast.transports.runtime import compile_layers
+
+    path = checkpoints["window16"][1]
+    eager, fast = rm.load(path), rm.load(path)
+    compile_layers(fast)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    spec = CacheSpec(slots=3, full_capacity=256, branch_room=16)
+    caches = {m: KVCache(m.cfg.text, spec) for m in (eager, fast)}
+    prompts = [prompt(n_text=4, n_audio=24, image_cells=[9] if s else [], seed=s) for s in (0, 1)]
+    prefill = [
+        Append(slot, ids, audio=a, images=im)
+        for slot, (ids, a, im) in zip((0, 2), prompts, strict=True)
+    ]
+
+    def run(m: rm.Gemma4Unified) -> list[torch.Tensor]:
+        cache = caches[m]
+        out = [m.step(prefill, cache)]
+        marks = [cache.mark(0), cache.mark(2)]
+        out += [m.step([Append(0, [17 + i]), Append(2, [30 + i])], cache) for i in range(3)]
+        cache.rollback(0, marks[0])
+        cache.rollback(2, marks[1])
+        out += [m.step([Append(0, [40 + i]), Append(2, [50 + i])], cache) for i in range(3)]
+        return out
+
+    for a, b in zip(run(eager), run(fast), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    assert caches[eager].lengths == caches[fast].lengths
+    for x, y in zip(caches[eager].k, caches[fast].k, strict=True):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # prefill, decode

@@ -112,21 +112,26 @@ def load_model(opts: RuntimeOptions) -> tuple[Gemma4Unified, StepBackend]:
 
 
 def compile_layers(model: Gemma4Unified) -> None:
-    """``torch.compile`` the pure tensor part of the step (``run_layers``), from outside.
+    """``torch.compile`` the whole device part of a cached step (``cached_step``: embed,
+    masks, cache reads, layers, cache writes), from outside.
 
-    Host bookkeeping (packing, masks, cache indices) stays eager; shapes are dynamic so
-    that the engine's many (batch, length) combinations share a few graphs."""
-    model.run_layers = compiled(model.run_layers)  # type: ignore[method-assign]
+    Packing and the lengths stay on the host; shapes are dynamic so that the engine's
+    many (batch, length, cached entries) combinations share a few graphs."""
+    model.cached_step = compiled(model.cached_step)  # type: ignore[method-assign]
 
 
 def compiled(fn: Any) -> Any:
     """``torch.compile`` with dynamic shapes and inductor's C++ wrapper: the graph's kernels
     are launched from generated C++, not Python (``bench/step.py --compile``; figures in
-    the README)."""
+    the README). A stream's life needs a handful of graphs (prefill or decode, one row or
+    several, media or not, branches or not): the recompile limit leaves room for all of
+    them instead of falling back to eager after 8."""
     import torch
+    import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
 
     inductor.cpp_wrapper = True
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     return torch.compile(fn, dynamic=True)
 
 

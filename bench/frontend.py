@@ -1,0 +1,252 @@
+"""Audio front ends for rawcast-tiny, compared as phone recognisers (a recipe diagnostic).
+
+The shipped model hears raw 640-sample frames through RMSNorm -> Linear (the Gemma 4
+Unified audio embedder); the recipe starts that Linear, and the first MLP, as a
+spectrogram. This bench asks how much the front end limits recognition on voices the
+model never heard, apart from the rest of the recipe: the audio embedder and the first
+three decoder layers of the rawcast-tiny shape learn CTC phone targets (the recipe's
+own lexicon and data) for a fixed number of steps, then greedy CTC phone error rate
+(PER, jiwer over phones) is scored on the held-out voices and on as many training clips.
+
+Variants (all other things equal: data order, steps, schedule, layers):
+
+- ``shipped``: the recipe's ``init_model`` (Hann-windowed 40 ms Fourier rows on a
+  mel-like grid; the first MLP squares them into band energies in the same dims).
+- ``subwindow``: three overlapping 20 ms Hann windows per frame, 28 mel-spaced bands
+  each (cos, sin), and the first MLP writing each window's band energies into dims of
+  their own (a 3-step spectrogram kept apart from the raw Fourier values).
+- ``logmel``: a reference that the architecture cannot ship: 80 log-mel energies of
+  each frame computed outside the model, through a learned Linear into the layers.
+
+    python bench/frontend.py --data-dir data/rawcast-tiny --steps 1500 --variants shipped
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rawcast.model.gemma4 import DecoderLayer, Gemma4Unified, rope_cos_sin
+from rawcast.model.recipe import data as D
+from rawcast.model.recipe import train as T
+from rawcast.model.recipe.config import tiny_config
+
+VARIANTS = ("shipped", "subwindow", "logmel")
+LAYERS = 3  # the recipe taps its CTC loss after layer 2
+
+
+def mel_grid(k: int, lo: float, hi: float) -> np.ndarray:
+    mel = np.linspace(2595 * np.log10(1 + lo / 700), 2595 * np.log10(1 + hi / 700), k)
+    return 700 * (10 ** (mel / 2595) - 1)
+
+
+def subwindow_init(model: Gemma4Unified, bands: int = 28, windows: int = 3) -> None:
+    """Rows: (window, band, cos/sin) on 320-sample Hann windows 160 samples apart; the
+    first MLP squares each row (gelu(u) u + gelu(-u)(-u) = u^2) and sums cos and sin into
+    dim ``raw + window * bands + band``."""
+    hidden = model.cfg.text.hidden_size
+    n, hop = 320, 160
+    raw = windows * bands * 2
+    assert raw + windows * bands <= hidden
+    t = np.arange(n) / T.RATE
+    win = np.hanning(n)
+    rows = np.zeros((hidden, T.FRAME))
+    j = 0
+    for w in range(windows):
+        for f in mel_grid(bands, 60, 7600):
+            for fn in (np.cos, np.sin):
+                rows[j, w * hop : w * hop + n] = win * fn(2 * np.pi * f * t)
+                rows[j] /= np.linalg.norm(rows[j])
+                j += 1
+    layer = model.layers[0]
+    assert isinstance(layer, DecoderLayer) and model.audio is not None
+    inter = layer.mlp.gate_proj.weight.shape[0]
+    assert 2 * raw <= inter
+    gate = torch.zeros(inter, hidden)
+    down = torch.zeros(hidden, inter)
+    for i in range(raw):
+        gate[i, i], gate[raw + i, i] = 1.0, -1.0
+        down[raw + i // 2, i] = down[raw + i // 2, raw + i] = 1.0
+    with torch.no_grad():
+        model.audio.embedding_projection.weight.copy_(torch.tensor(rows, dtype=torch.float32))
+        layer.mlp.gate_proj.weight.copy_(gate)
+        layer.mlp.up_proj.weight.copy_(gate)
+        layer.mlp.down_proj.weight.copy_(down)
+
+
+class LogMel(nn.Module):
+    """80 log-mel energies of a 640-sample frame (Hann, one FFT) -> Linear(hidden)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        freqs = np.fft.rfftfreq(T.FRAME, 1 / T.RATE)
+        edges = mel_grid(82, 0, 8000)
+        fb = np.zeros((80, freqs.size))
+        for i in range(80):
+            lo, c, hi = edges[i : i + 3]
+            fb[i] = np.clip(np.minimum((freqs - lo) / (c - lo), (hi - freqs) / (hi - c)), 0, None)
+        self.register_buffer("fb", torch.tensor(fb, dtype=torch.float32))
+        self.register_buffer("win", torch.hann_window(T.FRAME))
+        self.proj = nn.Linear(80, hidden)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        power = torch.fft.rfft(frames * self.win).abs() ** 2
+        lm = torch.log(power @ self.fb.T + 1e-6)
+        return self.proj((lm - lm.mean(-1, keepdim=True)) / 4)
+
+
+class PhoneNet(nn.Module):
+    def __init__(self, variant: str, phones: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        model = Gemma4Unified(tiny_config(3000))
+        T.init_model(model, seed)
+        if variant == "subwindow":
+            subwindow_init(model)
+        assert model.audio is not None
+        self.embed: nn.Module = LogMel(256) if variant == "logmel" else model.audio
+        self.layers = nn.ModuleList(model.layers[:LAYERS])
+        self.register_buffer("inv_freq_sliding", model.inv_freq_sliding)
+        self.register_buffer("inv_freq_full", model.inv_freq_full)
+        self.window = model.cfg.text.sliding_window
+        self.head = nn.Linear(256, phones + 1)
+
+    def forward(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        """Log-probs (T, B, phones + 1) for CTC and each clip's frame count."""
+        lens = [c.shape[0] for c in clips]
+        tm = max(lens)
+        x = torch.stack(
+            [F.pad(self.embed(torch.from_numpy(c)), (0, 0, 0, tm - c.shape[0])) for c in clips]
+        )
+        pos = torch.arange(tm).expand(len(clips), tm)
+        ones = torch.ones(tm, tm, dtype=torch.bool)
+        mask = ones.tril() & ~ones.tril(-self.window)
+        rope = {
+            True: rope_cos_sin(pos, self.inv_freq_sliding, x.dtype),
+            False: rope_cos_sin(pos, self.inv_freq_full, x.dtype),
+        }
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), *rope[layer.sliding])
+            a = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
+            )
+            b, _, tt, _ = a.shape
+            a = layer.self_attn.o_proj(a.transpose(1, 2).reshape(b, tt, -1))
+            x = x + layer.post_attention_layernorm(a)
+            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            x = x * layer.layer_scalar
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return F.log_softmax(self.head(x), -1).transpose(0, 1), lens
+
+
+def train(net: PhoneNet, corpus: T.Corpus, lex: T.Lexicon, steps: int, batch: int) -> None:
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
+    for step in range(steps):
+        rng = np.random.default_rng([1234, 7, step])
+        clips: list[np.ndarray] = []
+        targets: list[int] = []
+        tlens: list[int] = []
+        while len(clips) < batch:
+            shard, i = corpus.sample(rng)
+            lab = lex.labels(shard.meta[i]["text"])
+            if lab:
+                clips.append(T.frames(shard.clip_audio(i)))
+                targets += lab
+                tlens.append(len(lab))
+        lr = 2e-3 * min(1.0, (step + 1) / 100) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logp, lens = net(clips)
+        loss = F.ctc_loss(
+            logp, torch.tensor(targets), torch.tensor(lens), torch.tensor(tlens), zero_infinity=True
+        )
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        if step % 250 == 0:
+            print(f"  step {step} ctc {float(loss.detach()):.3f}", flush=True)
+
+
+@torch.no_grad()
+def per(net: PhoneNet, clips: list[tuple[np.ndarray, list[str], str]], inv: dict[int, str]) -> Any:
+    import jiwer
+
+    by: dict[str, tuple[list[str], list[str]]] = {}
+    for audio, ref, group in clips:
+        logp, _ = net([T.frames(audio)])
+        ids = logp[:, 0].argmax(-1).tolist()
+        hyp = [inv[a] for j, a in enumerate(ids) if a and (j == 0 or ids[j - 1] != a)]
+        refs, hyps = by.setdefault(group, ([], []))
+        refs.append(" ".join(ref))
+        hyps.append(" ".join(hyp) or "-")
+    every = ([r for v in by.values() for r in v[0]], [h for v in by.values() for h in v[1]])
+    return 100 * jiwer.wer(*every), {g: 100 * jiwer.wer(*v) for g, v in sorted(by.items())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data-dir", type=Path, default=Path("data/rawcast-tiny"))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    corpus = T.Corpus(args.data_dir)
+    if len(corpus) == 0:
+        raise SystemExit(f"no training shards under {args.data_dir}: run `rawcast train` first")
+    lex = corpus.lexicon()
+    held = [D.load_shard(p) for p in D.shards(args.data_dir, "eval")]
+    words = sorted({w for s in held for m in s.meta for w in m["text"].split()})
+    held_lex = T.phonemize(words)
+    held_clips = [
+        (s.clip_audio(i), [p for w in s.meta[i]["text"].split() for p in held_lex[w]],
+         s.meta[i]["voice"])
+        for s in held for i in range(len(s))
+    ]  # fmt: skip
+    rng = np.random.default_rng(99)
+    seen_clips = []
+    for _ in range(len(held_clips)):
+        shard, i = corpus.sample(rng)
+        text = shard.meta[i]["text"]
+        seen_clips.append(
+            (shard.clip_audio(i), [p for w in text.split() for p in lex.words[w]], "seen")
+        )
+    inv = {i: p for p, i in lex.index.items()}
+    print(
+        f"# bench/frontend.py on {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), torch {torch.__version__}, {args.steps} steps of "
+        f"{args.batch} clips, {len(held_clips)} held-out and {len(seen_clips)} training clips"
+    )
+    for n, variant in enumerate(args.variants):
+        t0 = time.time()
+        net = PhoneNet(variant, len(lex.phones), seed=1234)
+        train(net, corpus, lex, args.steps, args.batch)
+        held_per, voices = per(net, held_clips, inv)
+        seen_per, _ = per(net, seen_clips, inv)
+        cols = " | ".join(f"{v:.1f}" for v in voices.values())
+        if n == 0:
+            print(f"| front end | held-out PER | seen PER | {' | '.join(voices)} | time |")
+            print("|---" * (len(voices) + 4) + "|")
+        print(
+            f"| {variant} | {held_per:.1f} % | {seen_per:.1f} % | {cols} | "
+            f"{(time.time() - t0) / 60:.1f} min |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -380,11 +380,11 @@ def test_compiled_step_equals_eager(checkpoints: dict[str, tuple[Any, Path]]) ->
     graph costs a C++ compile of about a minute on the CI machine.)"""
     import torch._dynamo
 
-    from rawcast.transports.runtime import compile_layers
+    from rawcast.transports.runtime import compile_step
 
     path = checkpoints["window16"][1]
     eager, fast = rm.load(path), rm.load(path)
-    compile_layers(fast)
+    compile_step(fast)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     spec = CacheSpec(slots=3, full_capacity=256, branch_room=16)

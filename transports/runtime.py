@@ -100,7 +100,7 @@ def load_model(opts: RuntimeOptions) -> tuple[Gemma4Unified, StepBackend]:
         raise RuntimeLoadError(str(e)) from e
     if opts.backend == "torch":
         if opts.compile:
-            compile_layers(model)
+            compile_step(model)
         return model, model
     from rawcast.model.onnx_step import OnnxExportError, OnnxStep, ensure_exported
 
@@ -111,7 +111,7 @@ def load_model(opts: RuntimeOptions) -> tuple[Gemma4Unified, StepBackend]:
         raise RuntimeLoadError(f"--backend onnx: {e}") from e
 
 
-def compile_layers(model: Gemma4Unified) -> None:
+def compile_step(model: Gemma4Unified) -> None:
     """``torch.compile`` the whole device part of a cached step (``cached_step``: embed,
     masks, cache reads, layers, cache writes), from outside.
 

@@ -132,7 +132,9 @@ def compiled(fn: Any) -> Any:
 
     inductor.cpp_wrapper = True
     dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True)
+    # the weights never change under a running model: no per-call guards on its modules
+    skip = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    return torch.compile(fn, dynamic=True, options={"guard_filter_fn": skip})
 
 
 def _check_backend(opts: RuntimeOptions) -> None:

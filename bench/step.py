@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--config", nargs="+", default=["tiny"])
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--appends", nargs="+", type=int, default=[8, 64])
+    ap.add_argument("--appends", nargs="*", type=int, default=[8, 64], help="none: skip")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")

@@ -12,7 +12,8 @@ Variants (all other things equal: data order, steps, schedule, layers):
 
 - ``shipped``: the recipe's ``init_model`` (Hann-windowed 40 ms Fourier rows on a
   mel-like grid; the first MLP squares them into band energies in the same dims).
-- ``subwindow``: three overlapping 20 ms Hann windows per frame, 28 mel-spaced bands
+- ``subwindow``: ``init_model(..., "subwindow")`` (``rawcast train --frontend
+  subwindow``): three overlapping 20 ms Hann windows per frame, 28 mel-spaced bands
   each (cos, sin), and the first MLP writing each window's band energies into dims of
   their own (a 3-step spectrogram kept apart from the raw Fourier values).
 - ``logmel``: a reference that the architecture cannot ship: 80 log-mel energies of
@@ -44,52 +45,13 @@ VARIANTS = ("shipped", "subwindow", "logmel")
 LAYERS = 3  # the recipe taps its CTC loss after layer 2
 
 
-def mel_grid(k: int, lo: float, hi: float) -> np.ndarray:
-    mel = np.linspace(2595 * np.log10(1 + lo / 700), 2595 * np.log10(1 + hi / 700), k)
-    return 700 * (10 ** (mel / 2595) - 1)
-
-
-def subwindow_init(model: Gemma4Unified, bands: int = 28, windows: int = 3) -> None:
-    """Rows: (window, band, cos/sin) on 320-sample Hann windows 160 samples apart; the
-    first MLP squares each row (gelu(u) u + gelu(-u)(-u) = u^2) and sums cos and sin into
-    dim ``raw + window * bands + band``."""
-    hidden = model.cfg.text.hidden_size
-    n, hop = 320, 160
-    raw = windows * bands * 2
-    assert raw + windows * bands <= hidden
-    t = np.arange(n) / T.RATE
-    win = np.hanning(n)
-    rows = np.zeros((hidden, T.FRAME))
-    j = 0
-    for w in range(windows):
-        for f in mel_grid(bands, 60, 7600):
-            for fn in (np.cos, np.sin):
-                rows[j, w * hop : w * hop + n] = win * fn(2 * np.pi * f * t)
-                rows[j] /= np.linalg.norm(rows[j])
-                j += 1
-    layer = model.layers[0]
-    assert isinstance(layer, DecoderLayer) and model.audio is not None
-    inter = layer.mlp.gate_proj.weight.shape[0]
-    assert 2 * raw <= inter
-    gate = torch.zeros(inter, hidden)
-    down = torch.zeros(hidden, inter)
-    for i in range(raw):
-        gate[i, i], gate[raw + i, i] = 1.0, -1.0
-        down[raw + i // 2, i] = down[raw + i // 2, raw + i] = 1.0
-    with torch.no_grad():
-        model.audio.embedding_projection.weight.copy_(torch.tensor(rows, dtype=torch.float32))
-        layer.mlp.gate_proj.weight.copy_(gate)
-        layer.mlp.up_proj.weight.copy_(gate)
-        layer.mlp.down_proj.weight.copy_(down)
-
-
 class LogMel(nn.Module):
     """80 log-mel energies of a 640-sample frame (Hann, one FFT) -> Linear(hidden)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         freqs = np.fft.rfftfreq(T.FRAME, 1 / T.RATE)
-        edges = mel_grid(82, 0, 8000)
+        edges = T.mel_grid(82, 0, 8000)
         fb = np.zeros((80, freqs.size))
         for i in range(80):
             lo, c, hi = edges[i : i + 3]
@@ -109,9 +71,7 @@ class PhoneNet(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         model = Gemma4Unified(tiny_config(3000))
-        T.init_model(model, seed)
-        if variant == "subwindow":
-            subwindow_init(model)
+        T.init_model(model, seed, "subwindow" if variant == "subwindow" else "fourier")
         assert model.audio is not None
         self.embed: nn.Module = LogMel(256) if variant == "logmel" else model.audio
         self.layers = nn.ModuleList(model.layers[:LAYERS])

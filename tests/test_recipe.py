@@ -143,6 +143,39 @@ def test_fourier_init_has_unit_rows() -> None:
     torch.testing.assert_close(w.norm(dim=1), torch.ones(256))
 
 
+@pytest.mark.parametrize("band", [2, 13, 27])
+def test_subwindow_init_is_a_spectrogram_apart_from_the_raw_values(band: int) -> None:
+    """At init (``rawcast train --frontend subwindow``), a tone sounding in the first
+    20 ms of a frame puts its energy, through the first MLP, into that window's dim of
+    the band nearest its frequency, none into the last window, and none into the dims
+    that carry the raw Fourier values."""
+    from rawcast.model.gemma4 import DecoderLayer
+    from rawcast.model.recipe.config import tiny_config
+
+    model = Gemma4Unified(tiny_config(300))
+    T.init_model(model, 0, "subwindow")
+    bands = T.subwindow_init(model)  # idempotent: returns the band count
+    assert bands == 28
+    raw = 6 * bands
+    f = T.mel_grid(bands, 60, 7600)[band]
+    frame = np.zeros(T.FRAME, dtype=np.float32)
+    frame[:320] = np.sin(2 * np.pi * f * np.arange(320) / T.RATE)
+    layer = model.layers[0]
+    assert isinstance(layer, DecoderLayer) and model.audio is not None
+    with torch.no_grad():
+        h = layer.pre_feedforward_layernorm(model.audio(torch.from_numpy(frame)[None]))
+        out = layer.mlp(h)[0]
+    energy = out[raw : raw + 3 * bands].view(3, bands)
+    assert int(energy[0].argmax()) == band
+    assert float(energy[2].abs().max()) < 1e-6 * float(energy[0].max())
+    assert float(out[:raw].abs().max()) == 0.0
+
+
+def test_unknown_frontend_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown front end 'mel'"):
+        T.init_model(Gemma4Unified(preset("tiny")), 0, "mel")
+
+
 # --- the shipped checkpoint --------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ DEFAULT_DATA = Path("data/rawcast-tiny")
 DEFAULT_RUN = Path("runs/rawcast-tiny")
 DRAFTER_RUN = Path("runs/rawcast-tiny-drafter")
 MODES = ("offline", "streamed", "both")  # evaluate.MODES (that module loads torch)
+FRONTENDS = ("fourier", "subwindow")  # train.FRONTENDS (same reason)
 
 
 def default_out() -> Path:
@@ -36,6 +37,7 @@ def train_command(
     batch: int = 16,
     max_minutes: float = 70.0,
     threads: int = 1,
+    frontend: str = "fourier",
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -46,7 +48,12 @@ def train_command(
     paths = D.generate(data_dir, dcfg, workers=workers, progress=lambda n: log(f"  made {n}"))
     log(f"data: {len(paths)} shards, content hash {D.content_hash(paths[:1])[:16]} (first shard)")
     cfg = T.TrainConfig(
-        steps=steps, batch=batch, max_minutes=max_minutes, seed=seed, threads=threads
+        steps=steps,
+        batch=batch,
+        max_minutes=max_minutes,
+        seed=seed,
+        threads=threads,
+        frontend=frontend,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -112,6 +119,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
     )
     train.add_argument(
+        "--frontend",
+        choices=FRONTENDS,
+        default="fourier",
+        help="how the audio projection and first MLP start (a new run only): fourier made "
+        "the shipped checkpoint; subwindow (a 3-step spectrogram in dims of its own) did "
+        "better in bench/frontend.py",
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -164,6 +179,7 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers,
         batch=args.batch,
         threads=args.threads,
+        frontend=args.frontend,
         **_given(args),
     )
     return 0

@@ -52,6 +52,7 @@ from rawcast.model.tokenizer import Tokenizer
 
 FRAME = 640
 RATE = 16_000
+FRONTENDS = ("fourier", "subwindow")  # audio inits; fourier made the shipped checkpoint
 LANGUAGE = "Spanish"
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC labels 1..28; 0 is the blank
 
@@ -145,6 +146,7 @@ class TrainConfig:
     ctc_weight: float = 1.0
     ctc_layer: int = 2
     ctc_targets: str = "phones"  # phones (espeak-ng, en-us) or chars
+    frontend: str = "fourier"  # audio init: fourier (the shipped checkpoint's) or subwindow
     task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # transcribe, translate, caption
     truncate_share: float = 0.3
     layers: int = 4
@@ -281,11 +283,15 @@ def make_batch(
 # --- model ---------------------------------------------------------------------------------
 
 
+def mel_grid(k: int, lo: float, hi: float) -> npt.NDArray[np.float64]:
+    mel = np.linspace(2595 * np.log10(1 + lo / 700), 2595 * np.log10(1 + hi / 700), k)
+    return np.asarray(700 * (10 ** (mel / 2595) - 1))
+
+
 def fourier_basis(out_dim: int, n: int = FRAME, rate: int = RATE) -> torch.Tensor:
     """(out_dim, n) Hann-windowed cos/sin rows on a mel-spaced grid, unit-norm rows."""
     k = out_dim // 2
-    mel = np.linspace(2595 * np.log10(1 + 60 / 700), 2595 * np.log10(1 + 7600 / 700), k)
-    freqs = 700 * (10 ** (mel / 2595) - 1)
+    freqs = mel_grid(k, 60, 7600)
     t = np.arange(n) / rate
     win = np.hanning(n)
     rows = []
@@ -323,7 +329,45 @@ def energy_mlp(layer: nn.Module) -> None:
     mlp.down_proj.weight.copy_(down)
 
 
-def init_model(model: Gemma4Unified, seed: int) -> None:
+def subwindow_init(model: Gemma4Unified, windows: int = 3, n: int = 320, hop: int = 160) -> int:
+    """The audio projection as a 3-step spectrogram, kept apart from its raw values.
+
+    Rows (window, band, cos/sin) on ``n``-sample Hann windows ``hop`` apart, on a
+    mel-like grid of as many bands as fit; the first MLP squares each row (see
+    ``energy_mlp``) and sums cos and sin into dim ``raw + window * bands + band``, dims
+    the raw rows leave empty. ``bench/frontend.py`` measured it against the Fourier init
+    as a phone recogniser (README). Returns the number of bands.
+    """
+    layer = model.layers[0]
+    assert isinstance(layer, DecoderLayer) and model.audio is not None
+    inter, hidden = layer.mlp.gate_proj.weight.shape
+    bands = min(hidden // (3 * windows), inter // (4 * windows))
+    raw = 2 * windows * bands
+    t = np.arange(n) / RATE
+    rows = np.zeros((hidden, FRAME))
+    j = 0
+    for w in range(windows):
+        for f in mel_grid(bands, 60, 7600):
+            for fn in (np.cos, np.sin):
+                rows[j, w * hop : w * hop + n] = np.hanning(n) * fn(2 * np.pi * f * t)
+                rows[j] /= np.linalg.norm(rows[j])
+                j += 1
+    gate = torch.zeros(inter, hidden)
+    down = torch.zeros(hidden, inter)
+    for i in range(raw):
+        gate[i, i], gate[raw + i, i] = 1.0, -1.0
+        down[raw + i // 2, i] = down[raw + i // 2, raw + i] = 1.0
+    with torch.no_grad():
+        model.audio.embedding_projection.weight.copy_(torch.tensor(rows, dtype=torch.float32))
+        layer.mlp.gate_proj.weight.copy_(gate)
+        layer.mlp.up_proj.weight.copy_(gate)
+        layer.mlp.down_proj.weight.copy_(down)
+    return bands
+
+
+def init_model(model: Gemma4Unified, seed: int, frontend: str = "fourier") -> None:
+    if frontend not in FRONTENDS:
+        raise ValueError(f"unknown front end {frontend!r}: {', '.join(FRONTENDS)}")
     g = torch.Generator().manual_seed(seed)
     hidden = model.cfg.text.hidden_size
     with torch.no_grad():
@@ -331,9 +375,11 @@ def init_model(model: Gemma4Unified, seed: int) -> None:
         for name, p in model.named_parameters():
             if name.startswith("layers.") and p.dim() == 2:
                 p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]), generator=g)
-        if model.audio is not None:
+        if model.audio is not None and frontend == "fourier":
             model.audio.embedding_projection.weight.copy_(fourier_basis(hidden))
             energy_mlp(model.layers[0])
+        elif model.audio is not None:
+            subwindow_init(model)
         if model.vision is not None:
             model.vision.pos_embedding.normal_(0.0, 0.02, generator=g)
 
@@ -611,7 +657,7 @@ def train(
     mcfg = tiny_config(tok.vocab_size, cfg.layers, cfg.hidden, cfg.intermediate)
     torch.manual_seed(cfg.seed)
     model = Gemma4Unified(mcfg)
-    init_model(model, cfg.seed)
+    init_model(model, cfg.seed, cfg.frontend)
     model.tokenizer = tok
     corpus = Corpus(data_root)
     if len(corpus) == 0:

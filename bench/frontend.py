@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rawcast.model.gemma4 import DecoderLayer, Gemma4Unified, rope_cos_sin
+from rawcast.model.gemma4 import Gemma4Unified
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import train as T
 from rawcast.model.recipe.config import tiny_config
@@ -67,17 +67,17 @@ class LogMel(nn.Module):
 
 
 class PhoneNet(nn.Module):
+    """The rawcast-tiny shape cut to its first ``LAYERS`` layers, with a CTC head."""
+
     def __init__(self, variant: str, phones: int, seed: int) -> None:
         super().__init__()
         torch.manual_seed(seed)
         model = Gemma4Unified(tiny_config(3000))
         T.init_model(model, seed, "subwindow" if variant == "subwindow" else "fourier")
         assert model.audio is not None
+        model.layers = nn.ModuleList(model.layers[:LAYERS])
+        self.model = model
         self.embed: nn.Module = LogMel(256) if variant == "logmel" else model.audio
-        self.layers = nn.ModuleList(model.layers[:LAYERS])
-        self.register_buffer("inv_freq_sliding", model.inv_freq_sliding)
-        self.register_buffer("inv_freq_full", model.inv_freq_full)
-        self.window = model.cfg.text.sliding_window
         self.head = nn.Linear(256, phones + 1)
 
     def forward(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
@@ -89,22 +89,8 @@ class PhoneNet(nn.Module):
         )
         pos = torch.arange(tm).expand(len(clips), tm)
         ones = torch.ones(tm, tm, dtype=torch.bool)
-        mask = ones.tril() & ~ones.tril(-self.window)
-        rope = {
-            True: rope_cos_sin(pos, self.inv_freq_sliding, x.dtype),
-            False: rope_cos_sin(pos, self.inv_freq_full, x.dtype),
-        }
-        for layer in self.layers:
-            assert isinstance(layer, DecoderLayer)
-            q, k, v = layer.self_attn.project(layer.input_layernorm(x), *rope[layer.sliding])
-            a = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
-            )
-            b, _, tt, _ = a.shape
-            a = layer.self_attn.o_proj(a.transpose(1, 2).reshape(b, tt, -1))
-            x = x + layer.post_attention_layernorm(a)
-            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
-            x = x * layer.layer_scalar
+        mask = ones.tril() & ~ones.tril(-self.model.cfg.text.sliding_window)
+        x, _ = self.model.run_layers(x, pos, {True: mask, False: mask}, None)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return F.log_softmax(self.head(x), -1).transpose(0, 1), lens
 

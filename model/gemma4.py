@@ -513,7 +513,7 @@ class Gemma4Unified(nn.Module):
             return self.norm(x)
         kv = self._kv_lengths(p, cache)
         x = self.cached_step(p, cache, kv[True], kv[False], kv[None])
-        self._advance(p, cache)
+        self.advance(p, cache)
         return x
 
     def cached_step(
@@ -524,8 +524,8 @@ class Gemma4Unified(nn.Module):
         Embedding, masks, write indices, the cached K/V read, the layers, the K/V and
         position writes, the final norm: it reads no host bookkeeping (lengths and
         slot lists stay outside; ``kv_*`` are the entries read per buffer kind), so
-        ``torch.compile`` can take the step whole (``rawcast.transports.runtime``)
-        and a CUDA graph could capture it. ``hidden_packed`` advances the lengths.
+        ``torch.compile`` can take the step whole (``rawcast.transports.runtime``).
+        ``hidden_packed`` advances the lengths.
         """
         plan = self.plan(p, cache, {True: kv_sliding, False: kv_full, None: kv_branch})
         x, new = self.run_layers(
@@ -620,17 +620,6 @@ class Gemma4Unified(nn.Module):
             x = x * layer.layer_scalar
         return x, new
 
-    def store(
-        self,
-        p: Packed,
-        cache: KVCache,
-        plan: StepPlan,
-        new: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """Write the step's new K/V into the cache and advance its bookkeeping."""
-        self.write_kv(p, cache, plan, new)
-        self._advance(p, cache)
-
     def write_kv(
         self,
         p: Packed,
@@ -638,7 +627,8 @@ class Gemma4Unified(nn.Module):
         plan: StepPlan,
         new: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
-        """The device half of ``store``: K/V and their positions into the buffers."""
+        """The step's new K/V and their positions into the cache buffers (device only;
+        ``advance`` then grows the host lengths)."""
         for i, (k, v) in enumerate(new):
             idx = plan.write_idx[self.cfg.text.is_sliding(i)]
             cache.write(i, p.slots, idx, k, v)
@@ -685,8 +675,8 @@ class Gemma4Unified(nn.Module):
             cache.pos_branch[:, -1] = -1
             cache.pos_branch[-1] = -1  # the stand-in row stays empty
 
-    def _advance(self, p: Packed, cache: KVCache) -> None:
-        """Host half of ``store``: the lengths grow by each row's real tokens."""
+    def advance(self, p: Packed, cache: KVCache) -> None:
+        """After ``write_kv``: the host lengths grow by each row's real tokens."""
         for slot, br, n in zip(p.slot_list, p.branch_list, p.lengths, strict=True):
             if br is None:
                 cache.advance(slot, n)

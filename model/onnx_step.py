@@ -278,7 +278,8 @@ class OnnxStep:
             (torch.from_numpy(outs[1 + 2 * i]), torch.from_numpy(outs[2 + 2 * i]))
             for i in range(len(past))
         ]
-        m.store(p, cache, plan, new)
+        m.write_kv(p, cache, plan, new)
+        m.advance(p, cache)
         return torch.from_numpy(outs[0])
 
 

@@ -18,13 +18,13 @@ a column for it; the warm-up absorbs compilation.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from machine import describe
 
 from rawcast.model import Append, CacheSpec, KVCache, preset
 from rawcast.model.cache import slot_bytes
@@ -220,7 +220,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random weights drive activations into denormals on CPU
     print(
-        f"# bench/step.py on {platform.processor() or platform.machine()}, "
+        f"# bench/step.py on {describe()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     for name in args.config:

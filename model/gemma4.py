@@ -320,11 +320,16 @@ class Gemma4Unified(nn.Module):
     def pack(
         self, rows: Sequence[Append], cache: KVCache | None, pad_to: int | None = None
     ) -> Packed:
+        """Host lists -> the step's device tensors. Everything per row is plain Python
+        and two tensors are made (ids, positions and validity as one (3, B, T); the
+        per-row ints as one (5, B)): tensor creation, not arithmetic, is what a batch-1
+        decode step's host work costs."""
         if not rows:
             raise ValueError("a step needs at least one row")
         dev = self.device
-        toks = [torch.as_tensor(r.tokens, dtype=torch.long).reshape(-1) for r in rows]
-        lengths = [int(x.numel()) for x in toks]
+        toks = [r.tokens.reshape(-1).tolist() if isinstance(r.tokens, torch.Tensor)
+                else list(r.tokens) for r in rows]  # fmt: skip
+        lengths = [len(x) for x in toks]
         if min(lengths) == 0:
             raise ValueError("every row of a step must append at least one token")
         slots = [r.slot for r in rows]
@@ -340,59 +345,68 @@ class Gemma4Unified(nn.Module):
         width = pad_to if pad_to is not None else bucket(t_max)
         if width < t_max:
             raise ValueError(f"pad_to={width} is shorter than the longest row ({t_max})")
-        ids = torch.full((len(rows), width), self.cfg.tokens.pad, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        pad = self.cfg.tokens.pad
         starts, bases = [], []
-        for i, (x, r) in enumerate(zip(toks, rows, strict=True)):
-            ids[i, : x.numel()] = x
-            valid[i, : x.numel()] = True
+        for x, r in zip(toks, rows, strict=True):
             start = base = 0
             if cache is not None:
                 base = start = cache.length(r.slot)
                 if r.branch is None:
-                    cache.check_room(r.slot, x.numel())
+                    cache.check_room(r.slot, len(x))
                 else:
-                    cache.check_branch_room(r.branch, x.numel())
+                    cache.check_branch_room(r.branch, len(x))
                     start += cache.branch_length(r.branch)
             elif r.branch is not None:
                 raise ValueError("branch rows need a cache")
             starts.append(start)
             bases.append(base)
-        positions = torch.tensor(starts).view(-1, 1) + torch.arange(width).view(1, -1)
         audio, cells, cell_pos = self._gather_media(rows, toks)
+        grid = torch.tensor(
+            [
+                [x + [pad] * (width - len(x)) for x in toks],
+                [list(range(st, st + width)) for st in starts],
+                [[1] * n + [0] * (width - n) for n in lengths],
+            ],
+            dtype=torch.long,
+        ).to(dev)  # (3, B, T): ids, positions, valid
+        no_branch = cache.spec.branches if cache is not None else 0
+        table = torch.tensor(
+            [
+                slots,
+                [n - 1 for n in lengths],
+                bases,
+                [no_branch if r.branch is None else r.branch for r in rows],
+                [r.branch is not None for r in rows],
+            ],
+            dtype=torch.long,
+        ).to(dev)  # (5, B)
         return Packed(
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            slots=table[0],
             slot_list=slots,
-            input_ids=ids.to(dev),
-            valid=valid.to(dev),
-            positions=positions.to(dev),
-            last=torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev),
+            input_ids=grid[0],
+            valid=grid[2].bool(),
+            positions=grid[1],
+            last=table[1],
             lengths=lengths,
             audio=audio,
             cells=cells,
             cell_positions=cell_pos,
             branch_list=[r.branch for r in rows],
-            branches=torch.tensor(
-                [cache.spec.branches if r.branch is None else r.branch for r in rows],
-                dtype=torch.long,
-                device=dev,
-            )
-            if cache is not None and brs
-            else None,
-            is_branch=torch.tensor([r.branch is not None for r in rows], device=dev),
-            bases=torch.tensor(bases, dtype=torch.long, device=dev),
+            branches=table[3] if cache is not None and brs else None,
+            is_branch=table[4].bool(),
+            bases=table[2],
             first_slot=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else -1,
         )
 
     def _gather_media(
-        self, rows: Sequence[Append], toks: Sequence[torch.Tensor]
+        self, rows: Sequence[Append], toks: Sequence[list[int]]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         tk = self.cfg.tokens
         audio_parts: list[torch.Tensor] = []
         cell_parts: list[torch.Tensor] = []
         pos_parts: list[torch.Tensor] = []
         for r, x in zip(rows, toks, strict=True):
-            n_audio = int((x == tk.audio).sum())
+            n_audio = x.count(tk.audio)
             got = 0 if r.audio is None else int(r.audio.shape[0])
             if n_audio != got:
                 raise ValueError(f"slot {r.slot}: {n_audio} audio placeholders but {got} frames")
@@ -405,13 +419,15 @@ class Gemma4Unified(nn.Module):
                         f"expected {self.cfg.audio.audio_embed_dim}"
                     )
                 audio_parts.append(r.audio)
-            n_img = int(((x == tk.image) | (x == tk.video)).sum())
+            n_img = x.count(tk.image) + x.count(tk.video)
             n_cells = sum(int(c.shape[0]) for c, _ in r.images)
             if n_img != n_cells:
                 raise ValueError(f"slot {r.slot}: {n_img} image placeholders but {n_cells} cells")
             for c, p in r.images:
                 cell_parts.append(c)
                 pos_parts.append(p)
+        if not audio_parts and not cell_parts:
+            return None, None, None
         dev = self.device
         audio = torch.cat(audio_parts).to(dev) if audio_parts else None
         cells = torch.cat(cell_parts).to(dev) if cell_parts else None

@@ -7,6 +7,7 @@ import random
 import shutil
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,6 +172,11 @@ def test_subwindow_init_is_a_spectrogram_apart_from_the_raw_values(band: int) ->
     assert float(out[:raw].abs().max()) == 0.0
 
 
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        T.build(Path("nowhere"), T.TrainConfig(precision="fp8"), D.DataConfig())
+
+
 def test_unknown_frontend_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown front end 'mel'"):
         T.init_model(Gemma4Unified(preset("tiny")), 0, "mel")
@@ -261,6 +267,22 @@ def test_cli_has_train_and_eval() -> None:
     assert build_parser().parse_args(["eval", "--max-clips", "3"]).max_clips == 3
 
 
+SMALL: dict[str, Any] = dict(
+    batch=2, export_every=1, layers=2, hidden=64, intermediate=128, threads=1
+)
+
+
+def _training_slice(root: Path) -> D.DataConfig:
+    """Four generated training clips of grammar sentences under ``root``."""
+    rng = random.Random(0)
+    pairs = [list(text.grammar_pair(rng)) for _ in range(40)]
+    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
+    (root / "sentences.json").write_text(json.dumps(sents))
+    dcfg = D.DataConfig(seed=7, train_clips=4, eval_clips_per_voice=0)
+    D.generate(root, dcfg, workers=1, splits=("train",))
+    return dcfg
+
+
 @needs_espeak
 def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None:
     """The recipe's training loop on a tiny slice: it exports a checkpoint rawcast loads,
@@ -268,19 +290,61 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
     rawcast-tiny's second cycle did) instead of starting over."""
     from rawcast.model.loader import load
 
-    rng = random.Random(0)
-    pairs = [list(text.grammar_pair(rng)) for _ in range(40)]
-    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
-    (tmp_path / "sentences.json").write_text(json.dumps(sents))
-    dcfg = D.DataConfig(seed=7, train_clips=4, eval_clips_per_voice=0)
-    D.generate(tmp_path, dcfg, workers=1, splits=("train",))
-    small = dict(batch=2, export_every=1, layers=2, hidden=64, intermediate=128, threads=1)
+    dcfg = _training_slice(tmp_path)
     logs: list[str] = []
     for steps in (2, 3):
-        T.train(tmp_path, tmp_path / "run", tmp_path / "out", T.TrainConfig(steps=steps, **small),
+        T.train(tmp_path, tmp_path / "run", tmp_path / "out", T.TrainConfig(steps=steps, **SMALL),
                 dcfg, log=logs.append)  # fmt: skip
         assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == steps
     assert any(line.startswith("resumed from") and "at step 2" in line for line in logs)
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
     model = load(tmp_path / "out")
     assert model.tokenizer is not None and model.cfg.text.num_hidden_layers == 2
+
+
+@needs_espeak
+def test_bf16_training_step_tracks_fp32(tmp_path: Path) -> None:
+    """``rawcast train --precision bf16``: the same model and batches give losses within
+    bf16's rounding of fp32's, the weights and AdamW state stay fp32, and the forward
+    really ran in bf16 (the losses are not fp32's bit for bit)."""
+    dcfg = _training_slice(tmp_path)
+    runs = {}
+    for prec in T.PRECISIONS:
+        tr = T.build(tmp_path, T.TrainConfig(precision=prec, **SMALL), dcfg)
+        runs[prec] = (tr, [tr.step(tr.batch(step), 1e-3)[0]["loss"] for step in range(3)])
+    fp32, bf16 = runs["fp32"][1], runs["bf16"][1]
+    assert bf16 == pytest.approx(fp32, rel=0.02)
+    assert bf16 != fp32
+    tr = runs["bf16"][0]
+    assert all(p.dtype == torch.float32 for p in tr.params)
+    assert all(v.dtype == torch.float32 for st in tr.opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)  # fmt: skip
+
+
+def test_voices_are_drawn_by_engine_share() -> None:
+    """flite's few voices speak ``flite_share`` of the training clips, not 4 %."""
+    voices = [speech.Voice("espeak-ng", f"en+m{i}") for i in range(20)]
+    voices += [speech.Voice("flite", "kal"), speech.Voice("flite", "slt")]
+    rng = np.random.default_rng(0)
+    picks = [D.pick_voice(voices, rng, 0.5) for _ in range(2000)]
+    share = sum(v.engine == "flite" for v in picks) / len(picks)
+    assert 0.45 < share < 0.55
+    assert {v.name for v in picks if v.engine == "flite"} == {"kal", "slt"}
+    assert not any(D.pick_voice(voices, rng, 0.0).engine == "flite" for _ in range(200))
+    only_espeak = voices[:20]
+    assert len({D.pick_voice(only_espeak, rng, 0.5).name for _ in range(400)}) == 20
+
+
+def test_data_of_another_config_is_not_extended(tmp_path: Path) -> None:
+    """A data directory made under one config refuses shards of another (they would mix
+    silently); only the number of training clips may change."""
+    rng = random.Random(0)
+    pairs = [list(text.grammar_pair(rng)) for _ in range(8)]
+    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
+    (tmp_path / "sentences.json").write_text(json.dumps(sents))
+    cfg = D.DataConfig(seed=7, train_clips=0, eval_clips_per_voice=0)
+    D.generate(tmp_path, cfg, splits=("train",))
+    D.generate(tmp_path, D.DataConfig(seed=7, train_clips=500, eval_clips_per_voice=0), splits=())
+    with pytest.raises(ValueError, match=r"another config \(flite_share differ\)"):
+        D.generate(tmp_path, D.DataConfig(seed=7, train_clips=0, eval_clips_per_voice=0,
+                                          flite_share=0.2))  # fmt: skip

@@ -18,6 +18,7 @@ DEFAULT_RUN = Path("runs/rawcast-tiny")
 DRAFTER_RUN = Path("runs/rawcast-tiny-drafter")
 MODES = ("offline", "streamed", "both")  # evaluate.MODES (that module loads torch)
 FRONTENDS = ("fourier", "subwindow")  # train.FRONTENDS (same reason)
+PRECISIONS = ("fp32", "bf16")  # train.PRECISIONS
 
 
 def default_out() -> Path:
@@ -38,6 +39,7 @@ def train_command(
     max_minutes: float = 70.0,
     threads: int = 1,
     frontend: str = "fourier",
+    precision: str = "fp32",
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -54,6 +56,7 @@ def train_command(
         seed=seed,
         threads=threads,
         frontend=frontend,
+        precision=precision,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -127,6 +130,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "better in bench/frontend.py",
     )
     train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: the forward under bf16 autocast (weights and optimizer stay fp32); "
+        "only where bf16 matmuls are fast (GPUs, CPUs with AMX): on a CPU without them it "
+        "is many times slower (measure with bench/train_step.py)",
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -180,6 +191,7 @@ def _train(args: argparse.Namespace) -> int:
         batch=args.batch,
         threads=args.threads,
         frontend=args.frontend,
+        precision=args.precision,
         **_given(args),
     )
     return 0

@@ -48,6 +48,11 @@ class DataConfig:
     grammar_sentences: int = 30_000
     heldout_fraction: float = 0.05
     prose_share: float = 0.35  # share of training clips that speak fortune prose
+    # Share of training clips spoken by flite's voices, the rest by espeak-ng's. Drawn
+    # uniformly over all voices, flite's four would speak 4 % of the clips, and the
+    # held-out voices are mostly of its kind (diphone and statistical-parametric
+    # recordings of real speakers, not formant synthesis).
+    flite_share: float = 0.5
     vocab_size: int = 3000
 
 
@@ -103,6 +108,7 @@ def make_clip(
     voices: Sequence[speech.Voice],
     prose_share: float,
     strength: float = 1.0,
+    flite_share: float = 0.5,
 ) -> Clip:
     """Clip ``index`` of ``split``: a pure function of its arguments."""
     rng = np.random.default_rng([seed, 1 if split == "train" else 2, index])
@@ -111,13 +117,24 @@ def make_clip(
     pool = sents[f"{split}_{source}"]
     en, es = pool[int(rng.integers(len(pool)))]
     voice = (
-        voices[int(rng.integers(len(voices)))] if split == "train" else voices[index % len(voices)]
+        pick_voice(voices, rng, flite_share) if split == "train" else voices[index % len(voices)]
     )
     speed = float(rng.uniform(0.85, 1.2))
     pitch = int(rng.integers(30, 71))
     clean = speech.synth(voice, en, speed=speed, pitch=pitch)
     aug = speech.augment(clean, speech.word_ends(clean, en), rng, strength)
     return Clip(aug.audio, en, es, aug.word_ends, voice.key, aug.desc, source)
+
+
+def pick_voice(
+    voices: Sequence[speech.Voice], rng: np.random.Generator, flite_share: float
+) -> speech.Voice:
+    """flite's voices with probability ``flite_share`` (when both engines are present),
+    else espeak-ng's; uniform within the engine."""
+    flite = [v for v in voices if v.engine == "flite"]
+    rest = [v for v in voices if v.engine != "flite"]
+    pool = (flite if rng.random() < flite_share else rest) if flite and rest else list(voices)
+    return pool[int(rng.integers(len(pool)))]
 
 
 def save_shard(path: Path, clips: Sequence[Clip]) -> None:
@@ -191,12 +208,29 @@ def _shard_job(args: tuple[Path, int, str, int, int, dict[str, Any]]) -> str:
     root = path.parent
     sents = json.loads((root / "sentences.json").read_text())
     voices = speech.train_voices() if split == "train" else speech.heldout_voices()
+    fs = opts["flite_share"]
     clips = [
-        make_clip(seed, split, i, sents, voices, opts["prose_share"], opts["strength"])
+        make_clip(seed, split, i, sents, voices, opts["prose_share"], opts["strength"], fs)
         for i in range(start, stop)
     ]
     save_shard(path, clips)
     return path.name
+
+
+def check_config(root: Path, cfg: DataConfig) -> None:
+    """Refuse to add shards to data made under another config (a mix would train on
+    both silently). ``train_clips`` may differ: it only says how many shards there are."""
+    f = root / "data_config.json"
+    if not f.exists():
+        return
+    old = {k: v for k, v in json.loads(f.read_text()).items() if k != "train_clips"}
+    new = {k: v for k, v in cfg.__dict__.items() if k != "train_clips"}
+    if old != new:
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ValueError(
+            f"{root} holds data made with another config ({', '.join(diff)} differ): "
+            "remove it or choose another --data-dir"
+        )
 
 
 def generate(
@@ -208,6 +242,7 @@ def generate(
 ) -> list[Path]:
     """Make every missing shard of ``splits``; returns their paths. Resumable."""
     root.mkdir(parents=True, exist_ok=True)
+    check_config(root, cfg)
     load_sentences(root, cfg)
     (root / "data_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
     n_eval = cfg.eval_clips_per_voice * len(speech.heldout_voices())
@@ -217,7 +252,11 @@ def generate(
             continue
         for k, start in enumerate(range(0, total, SHARD)):
             path = root / f"{split}-{k:04d}.npz"
-            opts = {"prose_share": cfg.prose_share, "strength": strength}
+            opts = {
+                "prose_share": cfg.prose_share,
+                "strength": strength,
+                "flite_share": cfg.flite_share,
+            }
             jobs.append((path, cfg.seed, split, start, min(total, start + SHARD), opts))
     todo = [j for j in jobs if not j[0].exists()]
     if todo:

@@ -53,6 +53,7 @@ from rawcast.model.tokenizer import Tokenizer
 FRAME = 640
 RATE = 16_000
 FRONTENDS = ("fourier", "subwindow")  # audio inits; fourier made the shipped checkpoint
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast matmuls, fp32 master weights and optimizer
 LANGUAGE = "Spanish"
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC labels 1..28; 0 is the blank
 
@@ -147,6 +148,7 @@ class TrainConfig:
     ctc_layer: int = 2
     ctc_targets: str = "phones"  # phones (espeak-ng, en-us) or chars
     frontend: str = "fourier"  # audio init: fourier (the shipped checkpoint's) or subwindow
+    precision: str = "fp32"  # or bf16 (autocast; weights, grads and AdamW stay fp32)
     task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # transcribe, translate, caption
     truncate_share: float = 0.3
     layers: int = 4
@@ -639,21 +641,56 @@ class RunState:
             self.bar.close()
 
 
-def train(
-    data_root: Path,
-    run_dir: Path,
-    out_dir: Path,
-    cfg: TrainConfig,
-    dcfg: D.DataConfig,
-    log: Any = print,
-) -> Path:
-    """Train (or resume) and export to ``out_dir``. Returns ``out_dir``."""
+def autocast(device: torch.device, precision: str) -> Any:
+    """The forward's precision context: bf16 autocast (matmuls and attention in bf16 on
+    AMX / tensor cores; the loss heads cast back to fp32) or nothing."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class Trainer:
+    """What one training step needs: the model, the CTC head, the optimizer, the data."""
+
+    cfg: TrainConfig
+    device: torch.device
+    fmt: PromptFormat
+    model: Gemma4Unified
+    head: nn.Linear
+    params: list[nn.Parameter]
+    opt: torch.optim.AdamW
+    corpus: Corpus
+    lex: Lexicon | None
+
+    def batch(self, step: int) -> list[Example]:
+        if step % 100 == 0:
+            self.corpus.refresh()
+        return make_batch(self.fmt, self.corpus, self.cfg, step, self.lex)
+
+    def step(self, batch: Sequence[Example], lr: float) -> tuple[dict[str, float], float]:
+        """One optimizer step at ``lr``: the losses and the gradient norm (before clipping)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with autocast(self.device, self.cfg.precision):
+            out = losses(self.model, self.head, batch, self.cfg)
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in out.items()}, float(gn)
+
+
+def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
+    """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}: {', '.join(PRECISIONS)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(data_root, dcfg)
-    fmt = PromptFormat(tok)
     mcfg = tiny_config(tok.vocab_size, cfg.layers, cfg.hidden, cfg.intermediate)
     torch.manual_seed(cfg.seed)
     model = Gemma4Unified(mcfg)
@@ -668,30 +705,36 @@ def train(
     head.to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = adamw(params, cfg.lr, cfg.weight_decay)
+    return Trainer(cfg, device, PromptFormat(tok), model, head, params, opt, corpus, lex)
+
+
+def train(
+    data_root: Path,
+    run_dir: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    dcfg: D.DataConfig,
+    log: Any = print,
+) -> Path:
+    """Train (or resume) and export to ``out_dir``. Returns ``out_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tr = build(data_root, cfg, dcfg)
+    model = tr.model
 
     def save_model() -> None:
         model.eval()
         export(model, out_dir)
         model.train()
 
-    run = RunState(run_dir, {"model": model, "head": head, "opt": opt}, cfg, save_model,
+    run = RunState(run_dir, {"model": model, "head": tr.head, "opt": tr.opt}, cfg, save_model,
                    shown=("loss", "ce", "ctc"), log=log)  # fmt: skip
-    run.resume(device)
+    run.resume(tr.device)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model.train()
     while run.running():
-        if run.step % 100 == 0:
-            corpus.refresh()
-        batch = make_batch(fmt, corpus, cfg, run.step, lex)
-        for g in opt.param_groups:
-            g["lr"] = run.lr()
-        out = losses(model, head, batch, cfg)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        vals = {k: float(v.detach()) for k, v in out.items()}
-        if not run.record(vals, lr=opt.param_groups[0]["lr"], gnorm=float(gn)):
+        lr = run.lr()
+        vals, gn = tr.step(tr.batch(run.step), lr)
+        if not run.record(vals, lr=lr, gnorm=gn):
             break
     run.close()
     return out_dir

@@ -235,7 +235,6 @@ class Packed:
     branches: torch.Tensor | None = None  # (B,) branch buffer row (the empty row if none)
     is_branch: torch.Tensor | None = None  # (B,) bool
     bases: torch.Tensor | None = None  # (B,) position of each branch's first token
-    first_slot: int = -1  # the first slot when the slots are consecutive, else -1
 
 
 @dataclass
@@ -258,12 +257,7 @@ def _fill(x: torch.Tensor, mask: torch.Tensor, src: torch.Tensor) -> torch.Tenso
 
 
 def _rows(buf: torch.Tensor, p: Packed, length: int, dim: int) -> torch.Tensor:
-    """The cache rows of the step's slots, first ``length`` entries along ``dim``.
-
-    A view when the slots are consecutive (``p.first_slot``), else a gather.
-    """
-    if p.first_slot >= 0:
-        return buf.narrow(0, p.first_slot, p.slots.shape[0]).narrow(dim, 0, length)
+    """The cache rows of the step's slots, first ``length`` entries along ``dim``."""
     return buf.narrow(dim, 0, length).index_select(0, p.slots)
 
 
@@ -360,7 +354,7 @@ class Gemma4Unified(nn.Module):
                 raise ValueError("branch rows need a cache")
             starts.append(start)
             bases.append(base)
-        audio, cells, cell_pos = self._gather_media(rows, toks)
+        audio, cells, cell_pos = self._gather_media(rows, toks, fill=cache is not None)
         grid = torch.tensor(
             [
                 [x + [pad] * (width - len(x)) for x in toks],
@@ -392,15 +386,19 @@ class Gemma4Unified(nn.Module):
             cells=cells,
             cell_positions=cell_pos,
             branch_list=[r.branch for r in rows],
-            branches=table[3] if cache is not None and brs else None,
+            branches=table[3] if cache is not None else None,
             is_branch=table[4].bool(),
             bases=table[2],
-            first_slot=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else -1,
         )
 
     def _gather_media(
-        self, rows: Sequence[Append], toks: Sequence[list[int]]
+        self, rows: Sequence[Append], toks: Sequence[list[int]], fill: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The rows' audio frames, image cells and cell positions, in placeholder order.
+
+        ``fill`` (cached steps): never None and at least two rows each, padded with zeros
+        that no placeholder takes, so that every step is one graph for ``torch.compile``
+        (a missing tensor, or one of a single row, would each be a graph of its own)."""
         tk = self.cfg.tokens
         audio_parts: list[torch.Tensor] = []
         cell_parts: list[torch.Tensor] = []
@@ -426,6 +424,14 @@ class Gemma4Unified(nn.Module):
             for c, p in r.images:
                 cell_parts.append(c)
                 pos_parts.append(p)
+        if fill:
+            if self.audio is not None and self.cfg.audio is not None:
+                n = max(0, 2 - sum(len(a) for a in audio_parts))
+                audio_parts.append(torch.zeros(n, self.cfg.audio.audio_embed_dim))
+            if self.vision is not None:
+                n = max(0, 2 - sum(len(c) for c in cell_parts))
+                cell_parts.append(torch.zeros(n, self.vision.patch_dense.in_features))
+                pos_parts.append(torch.zeros(n, 2, dtype=torch.long))
         if not audio_parts and not cell_parts:
             return None, None, None
         dev = self.device

@@ -429,6 +429,56 @@ class EngineCore:
                 out[i] = h[j, : len(rows[i].tokens)]
         return out
 
+    def warm_up(self, seconds: float = 3.0) -> int:
+        """Run every kind of step live streams make on scratch sessions, then free them.
+
+        A compiled step (``--compile``) builds one graph per kind of step (one row or
+        several, one token or more, audio, an image, branch prompts and decodes, alone
+        or mixed) the first time it meets it, which costs a CPU about a minute each: done
+        here, before the first client, instead of freezing every live stream mid-call.
+        Two sessions with all tasks get noise in 40-120 ms pushes, the second starting
+        later (so one session's audio meets the other's decodes in one step), and
+        an image each. Counters and the observer see none of it. Returns the ticks run."""
+        if self.sessions:
+            raise RuntimeError("warm_up() runs before the first session")
+        observer, self.observer = self.observer, Observer()
+        rng = np.random.default_rng(0)
+        tasks = Tasks(transcribe=True, translate="Spanish", caption=True)
+        config = SessionConfig(tasks=tasks, vad=None, max_new_tokens=4, max_soft_tokens=
+                               min(70, self.config.max_image_tokens))  # fmt: skip
+        n = min(2, self.config.max_sessions)
+        sessions = [self.open(config, session_id=f"warm-up-{i}") for i in range(n)]
+        frames = int(seconds * 25)
+        image = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
+        ticks = 0
+        try:
+            t = [0] * n  # frames pushed per session
+            for k in range(frames + 12 * (n - 1)):
+                for i, s in enumerate(sessions):
+                    if k < 12 * i or t[i] >= frames:
+                        continue
+                    if t[i] == 0:
+                        s.push_image(image, 0.0)
+                    step = (1, 3, 1, 2)[k % 4]
+                    pcm = (0.05 * rng.standard_normal(640 * step)).astype(np.float32)
+                    s.push_audio(pcm, 16_000)
+                    t[i] += step
+                    if t[i] >= frames:
+                        s.commit()
+                self.step()
+                ticks += 1
+            ticks += self.run_until_idle()
+            failed = [e for s in sessions for e in s.outbox if isinstance(e, ErrorEvent)]
+            if failed:  # a step that fails here would fail every client: refuse to start
+                raise RuntimeError(f"the engine's warm-up failed: {failed[0].message}")
+        finally:
+            for s in sessions:
+                self.release(s)
+            self.free_slots.sort()
+            self.observer = observer
+            self.forwards = self.ticks = self.draft_calls = self.drafted = self.accepted = 0
+        return ticks
+
     def run_until_idle(self, max_ticks: int = 1_000_000) -> int:
         """Step until no session has work (offline use and tests). Returns ticks run."""
         n = 0

@@ -9,7 +9,7 @@ import pytest
 from tiny_model import fixture_pcm, tiny_model
 
 from rawcast.model.gemma4 import Gemma4Unified
-from rawcast.pipeline.engine import Engine, EngineConfig, EngineCore, SessionLimitError
+from rawcast.pipeline.engine import Engine, EngineConfig, EngineCore, Observer, SessionLimitError
 from rawcast.pipeline.media import ClosedEvent, ErrorEvent, Event, SpeechEvent, TextEvent
 from rawcast.pipeline.session import SessionConfig, Tasks
 from rawcast.pipeline.vad import SileroModel, VadConfig
@@ -385,3 +385,60 @@ async def test_a_client_faster_than_the_worker_is_bounded_not_buffered(
     assert "overloaded" in obs.errors
     assert isinstance(calm_events[-1], ClosedEvent) and calm_events[-1].reason == "closed"
     assert not any(isinstance(e, ErrorEvent) for e in calm_events)
+
+
+class _Ticks(Observer):
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def tick(self, rows: int, seconds: float) -> None:
+        self.ticks += 1
+
+
+def test_warm_up_builds_every_graph_a_live_run_needs(vad: SileroModel) -> None:
+    """``--compile`` warms up at start-up (``EngineCore.warm_up``): afterwards, live
+    sessions (speech through Silero VAD, all three tasks, camera frames, ragged pushes,
+    a second session joining mid-utterance) trace no new graph, so no client ever waits
+    for a compile. Graphs are counted with dynamo's eager backend: the same graphs and
+    guards as inductor, without generating code. The warm-up leaves nothing behind: all
+    slots free, counters at zero, the observer never told."""
+    import torch._dynamo
+
+    from rawcast.transports.runtime import compile_step
+
+    m = tiny_model()
+    compile_step(m, backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    obs = _Ticks()
+    core = EngineCore(m, EngineConfig(max_sessions=3), vad_model=vad, observer=obs)
+    assert core.warm_up() > 0
+    built = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert built >= 2
+    assert (core.free_slots, core.sessions, core.forwards, obs.ticks) == ([0, 1, 2], {}, 0, 0)
+
+    rng = random.Random(1)
+    audio = _clip()
+    cfg = SessionConfig(
+        tasks=Tasks(transcribe=True, translate="Spanish", caption=True), max_new_tokens=6
+    )
+    live = [core.open(cfg), core.open(SessionConfig(max_new_tokens=6))]
+    pos = [0, -24_000]  # the second session starts 1.5 s later
+    frame = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
+    while any(p < audio.size for p in pos):
+        for s, p in zip(live, pos, strict=True):
+            if 0 <= p < audio.size:
+                s.push_image(frame, p / 16_000)
+        for i, s in enumerate(live):
+            n = rng.choice([320, 640, 1280, 1920, 4000])
+            if 0 <= pos[i] < audio.size:
+                s.push_audio(audio[pos[i] : pos[i] + n], 16_000)
+            pos[i] += n
+        for _ in range(rng.randint(0, 2)):
+            core.step()
+    for s in live:
+        s.flush()
+    core.run_until_idle()
+    finals = [e for s in live for e in s.outbox if isinstance(e, TextEvent) and e.final]
+    assert {e.task for e in finals} == {"transcribe", "translate", "caption"}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == built

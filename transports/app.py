@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,10 @@ def load_engine(settings: ServerSettings, metrics: Metrics) -> tuple[Engine, str
     engine = Engine(
         model, config, vad_model=vad, observer=metrics, backend=backend, drafter=drafter
     )
+    if settings.compile:  # graphs built now, while /readyz says "loading model"
+        t0 = time.perf_counter()
+        ticks = engine.core.warm_up()
+        log.info("engine.warmed_up", ticks=ticks, seconds=round(time.perf_counter() - t0, 1))
     return engine, settings.model
 
 

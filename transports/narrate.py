@@ -106,7 +106,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         narrate(
             model, backend, src, out, args.interval, args.transcribe, args.retries, stop,
-            drafter=drafter,
+            drafter=drafter, warm_up=options(args).compile,
         )  # fmt: skip
     except NarrateError as e:
         print(f"rawcast narrate: {e}", file=sys.stderr)
@@ -235,10 +235,13 @@ def narrate(
     retries: int = -1,
     stop: threading.Event | None = None,
     drafter: Any = None,
+    warm_up: bool = False,
 ) -> None:
     """Caption ``src`` until it ends (or ``stop``); each final event goes to ``out``.
 
-    ``drafter``: an MTP drafter for speculative decoding (``EngineCore(drafter=...)``)."""
+    ``drafter``: an MTP drafter for speculative decoding (``EngineCore(drafter=...)``).
+    ``warm_up``: build a compiled step's graphs before the source is read
+    (``EngineCore.warm_up``; with ``--compile``)."""
     from rawcast.pipeline.engine import EngineCore
     from rawcast.pipeline.media import ErrorEvent, TextEvent
     from rawcast.pipeline.session import SessionConfig, Tasks
@@ -247,6 +250,8 @@ def narrate(
 
     stop = stop or threading.Event()
     core = EngineCore(model, vad_model=load_vad(transcribe), backend=backend, drafter=drafter)
+    if warm_up:
+        core.warm_up()
     config = SessionConfig(
         tasks=Tasks(transcribe=transcribe, caption=True),
         caption_interval_s=interval,

@@ -69,8 +69,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true", default=env("RAWCAST_COMPILE", "") == "1",
-        help="torch.compile the decoder stack (faster steps after a warm-up of about a "
-        "minute per shape family; torch backend)",
+        help="torch.compile the whole device step (faster steps; torch backend). Its graphs "
+        "are built at start-up (serve, narrate), which takes minutes on a small CPU",
     )  # fmt: skip
 
 
@@ -111,30 +111,35 @@ def load_model(opts: RuntimeOptions) -> tuple[Gemma4Unified, StepBackend]:
         raise RuntimeLoadError(f"--backend onnx: {e}") from e
 
 
-def compile_step(model: Gemma4Unified) -> None:
+def compile_step(model: Gemma4Unified, backend: str = "inductor") -> None:
     """``torch.compile`` the whole device part of a cached step (``cached_step``: embed,
     masks, cache reads, layers, cache writes), from outside.
 
     Packing and the lengths stay on the host; shapes are dynamic so that the engine's
     many (batch, length, cached entries) combinations share a few graphs."""
-    model.cached_step = compiled(model.cached_step)  # type: ignore[method-assign]
+    model.cached_step = compiled(model.cached_step, backend)  # type: ignore[method-assign]
 
 
-def compiled(fn: Any) -> Any:
+def compiled(fn: Any, backend: str = "inductor") -> Any:
     """``torch.compile`` with dynamic shapes and inductor's C++ wrapper: the graph's kernels
     are launched from generated C++, not Python (``bench/step.py --compile``; figures in
     the README). A stream's life needs a handful of graphs (prefill or decode, one row or
     several, media or not, branches or not): the recompile limit leaves room for all of
-    them instead of falling back to eager after 8."""
+    them instead of falling back to eager after 8. ``backend="eager"`` traces and guards
+    exactly the same graphs without generating code (tests count graphs with it)."""
     import torch
     import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
+    import torch.fx.experimental._config as shapes
 
     inductor.cpp_wrapper = True
+    # no shared symbol for sizes that happen to be equal (two audio frames and two image
+    # cells in one step are not the same size: a step with eleven frames would recompile)
+    shapes.use_duck_shape = False
     dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     # the weights never change under a running model: no per-call guards on its modules
     skip = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    return torch.compile(fn, dynamic=True, options={"guard_filter_fn": skip})
+    return torch.compile(fn, backend=backend, dynamic=True, options={"guard_filter_fn": skip})
 
 
 def _check_backend(opts: RuntimeOptions) -> None:

@@ -235,6 +235,7 @@ class Packed:
     branches: torch.Tensor | None = None  # (B,) branch buffer row (the empty row if none)
     is_branch: torch.Tensor | None = None  # (B,) bool
     bases: torch.Tensor | None = None  # (B,) position of each branch's first token
+    first_slot: int = -1  # the first slot when the slots are consecutive, else -1
 
 
 @dataclass
@@ -257,7 +258,12 @@ def _fill(x: torch.Tensor, mask: torch.Tensor, src: torch.Tensor) -> torch.Tenso
 
 
 def _rows(buf: torch.Tensor, p: Packed, length: int, dim: int) -> torch.Tensor:
-    """The cache rows of the step's slots, first ``length`` entries along ``dim``."""
+    """The cache rows of the step's slots, first ``length`` entries along ``dim``.
+
+    A view when the slots are consecutive (``p.first_slot``), else a gather.
+    """
+    if p.first_slot >= 0:
+        return buf.narrow(0, p.first_slot, p.slots.shape[0]).narrow(dim, 0, length)
     return buf.narrow(dim, 0, length).index_select(0, p.slots)
 
 
@@ -285,6 +291,10 @@ class Gemma4Unified(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer: Tokenizer | None = None
+        # One shape of step for compilers (``rawcast.transports.runtime.compile_step`` sets
+        # it): cached steps always carry audio, cells and branch rows, and read slots by
+        # gather, so that only one row or several, one token or several, make graphs.
+        self.static_steps = False
         t = cfg.text
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(t, i) for i in range(t.num_hidden_layers))
@@ -354,7 +364,8 @@ class Gemma4Unified(nn.Module):
                 raise ValueError("branch rows need a cache")
             starts.append(start)
             bases.append(base)
-        audio, cells, cell_pos = self._gather_media(rows, toks, fill=cache is not None)
+        static = self.static_steps and cache is not None
+        audio, cells, cell_pos = self._gather_media(rows, toks, fill=static)
         grid = torch.tensor(
             [
                 [x + [pad] * (width - len(x)) for x in toks],
@@ -386,9 +397,12 @@ class Gemma4Unified(nn.Module):
             cells=cells,
             cell_positions=cell_pos,
             branch_list=[r.branch for r in rows],
-            branches=table[3] if cache is not None else None,
+            branches=table[3] if cache is not None and (brs or static) else None,
             is_branch=table[4].bool(),
             bases=table[2],
+            first_slot=slots[0]
+            if not static and slots == list(range(slots[0], slots[0] + len(slots)))
+            else -1,
         )
 
     def _gather_media(
@@ -396,9 +410,9 @@ class Gemma4Unified(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The rows' audio frames, image cells and cell positions, in placeholder order.
 
-        ``fill`` (cached steps): never None and at least two rows each, padded with zeros
-        that no placeholder takes, so that every step is one graph for ``torch.compile``
-        (a missing tensor, or one of a single row, would each be a graph of its own)."""
+        ``fill`` (static steps): never None and at least two rows each, padded with zeros
+        that no placeholder takes (a missing tensor, or one of a single row, would each
+        be a graph of its own for ``torch.compile``)."""
         tk = self.cfg.tokens
         audio_parts: list[torch.Tensor] = []
         cell_parts: list[torch.Tensor] = []
@@ -473,8 +487,9 @@ class Gemma4Unified(nn.Module):
         out: dict[bool | None, int] = {}
         for sliding, cap in ((True, cache.sliding_capacity), (False, cache.full_capacity)):
             out[sliding] = cap + 1 if longest >= cap else _kv_bucket(longest, cap + 1)
-        branch = max((cache.branch_length(b) for b in p.branch_list if b is not None), default=0)
-        out[None] = _kv_bucket(branch, cache.spec.branch_room + 1)
+        reads = [cache.branch_length(b) for b in p.branch_list if b is not None]
+        # no branch row: two empty entries of the stand-in row (static steps read it)
+        out[None] = _kv_bucket(max(reads), cache.spec.branch_room + 1) if reads else 2
         return out
 
     def _masks(

@@ -7,6 +7,7 @@ import json
 
 import httpx
 import numpy as np
+import pytest
 from server_helpers import serve
 from tiny_model import tiny_model
 from websockets.sync.client import connect
@@ -54,3 +55,31 @@ def test_health_readiness_metrics_and_keys() -> None:
 
 def _line(text: str) -> str:
     return next(x for x in text.splitlines() if x.startswith("rawcast_step_seconds_count"))
+
+
+def test_serve_compile_warms_up_before_taking_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rawcast serve --compile``: the engine's warm-up (which builds the compiled step's
+    graphs, ``tests/test_engine.py``) runs while the model loads, before the server is
+    ready; without ``--compile`` there is none."""
+    from rawcast.pipeline.engine import EngineCore
+    from rawcast.transports import app as app_mod
+    from rawcast.transports import runtime
+    from rawcast.transports.metrics import Metrics
+
+    compiled: list[object] = []
+    monkeypatch.setattr(runtime, "compile_step", compiled.append)  # the wiring, not inductor
+    warmed: list[int] = []
+    real = EngineCore.warm_up
+
+    def spy(self: EngineCore, seconds: float = 3.0) -> int:
+        warmed.append(real(self, seconds))
+        return warmed[-1]
+
+    monkeypatch.setattr(EngineCore, "warm_up", spy)
+    for flag in (False, True):
+        engine, _ = app_mod.load_engine(
+            ServerSettings(max_sessions=2, vad=False, compile=flag), Metrics()
+        )
+        assert len(compiled) == len(warmed) == int(flag)
+        assert engine.core.free_slots == [0, 1] and engine.core.forwards == 0
+    assert warmed[0] > 0

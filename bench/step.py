@@ -11,8 +11,10 @@ audio frames at batch 1, plus the KV-cache memory of one slot.
 
 ``--compile`` applies ``torch.compile`` from outside the model code to
 ``Gemma4Unified.cached_step`` (the whole device part of the step: embedding, masks,
-cache reads, layers and cache writes; packing and lengths stay on the host) and adds
-a column for it; the warm-up absorbs compilation.
+cache reads, layers and cache writes; packing and lengths stay on the host) with
+static steps (``Gemma4Unified.static_steps``: audio and branch rows always present),
+exactly as ``--compile`` runs it, and adds a column for it; the warm-up absorbs
+compilation.
 """
 
 from __future__ import annotations
@@ -76,12 +78,12 @@ def interleaved(
     plain = model.cached_step
     compiled = COMPILED.get("fn") if COMPILED["on"] else None
 
-    def comp() -> None:
-        model.cached_step = compiled
+    def comp() -> None:  # exactly what --compile runs: the compiled step, static steps
+        model.cached_step, model.static_steps = compiled, True
         try:
             ours()
         finally:
-            model.cached_step = plain
+            model.cached_step, model.static_steps = plain, False
 
     fns: list[Callable[[], Any]] = [ours, theirs] + ([comp] if compiled else [])
     for fn in fns:

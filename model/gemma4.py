@@ -291,9 +291,10 @@ class Gemma4Unified(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer: Tokenizer | None = None
-        # One shape of step for compilers (``rawcast.transports.runtime.compile_step`` sets
-        # it): cached steps always carry audio, cells and branch rows, and read slots by
-        # gather, so that only one row or several, one token or several, make graphs.
+        # Few shapes of step for compilers (``rawcast.transports.runtime.compile_step``
+        # sets it): cached steps always carry audio and branch rows and read slots by
+        # gather, so that only one row or several, one token or several, and an image or
+        # not make graphs.
         self.static_steps = False
         t = cfg.text
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
@@ -410,9 +411,11 @@ class Gemma4Unified(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The rows' audio frames, image cells and cell positions, in placeholder order.
 
-        ``fill`` (static steps): never None and at least two rows each, padded with zeros
-        that no placeholder takes (a missing tensor, or one of a single row, would each
-        be a graph of its own for ``torch.compile``)."""
+        ``fill`` (static steps): audio never None, and audio and cells (when there are
+        any) at least two rows, padded with zeros that no placeholder takes (a missing
+        tensor, or one of a single row, would each be a graph of its own for
+        ``torch.compile``). Cells stay None without an image: running the vision
+        embedder on padding every step would cost more than the two graphs it saves."""
         tk = self.cfg.tokens
         audio_parts: list[torch.Tensor] = []
         cell_parts: list[torch.Tensor] = []
@@ -442,10 +445,9 @@ class Gemma4Unified(nn.Module):
             if self.audio is not None and self.cfg.audio is not None:
                 n = max(0, 2 - sum(len(a) for a in audio_parts))
                 audio_parts.append(torch.zeros(n, self.cfg.audio.audio_embed_dim))
-            if self.vision is not None:
-                n = max(0, 2 - sum(len(c) for c in cell_parts))
-                cell_parts.append(torch.zeros(n, self.vision.patch_dense.in_features))
-                pos_parts.append(torch.zeros(n, 2, dtype=torch.long))
+            if cell_parts and sum(len(c) for c in cell_parts) < 2:
+                cell_parts.append(torch.zeros(1, cell_parts[0].shape[1]))
+                pos_parts.append(torch.zeros(1, 2, dtype=torch.long))
         if not audio_parts and not cell_parts:
             return None, None, None
         dev = self.device

@@ -117,7 +117,7 @@ def compile_step(model: Gemma4Unified, backend: str = "inductor") -> None:
 
     Packing and the lengths stay on the host; shapes are dynamic so that the engine's
     many (batch, length, cached entries) combinations share a few graphs."""
-    model.static_steps = True  # media and branch rows always present: four graphs in all
+    model.static_steps = True  # audio and branch rows always present: six graphs in all
     model.cached_step = compiled(model.cached_step, backend)  # type: ignore[method-assign]
 
 

@@ -215,7 +215,9 @@ def main() -> None:
     ap.add_argument("--appends", nargs="*", type=int, default=[8, 64], help="none: skip")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time the compiled step as --compile runs it"
+    )
     args = ap.parse_args()
     COMPILED["on"] = args.compile
     if args.threads:

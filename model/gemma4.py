@@ -443,8 +443,9 @@ class Gemma4Unified(nn.Module):
                 pos_parts.append(p)
         if fill:
             if self.audio is not None and self.cfg.audio is not None:
-                n = max(0, 2 - sum(len(a) for a in audio_parts))
-                audio_parts.append(torch.zeros(n, self.cfg.audio.audio_embed_dim))
+                n = 2 - sum(len(a) for a in audio_parts)
+                if n > 0:
+                    audio_parts.append(torch.zeros(n, self.cfg.audio.audio_embed_dim))
             if cell_parts and sum(len(c) for c in cell_parts) < 2:
                 cell_parts.append(torch.zeros(1, cell_parts[0].shape[1]))
                 pos_parts.append(torch.zeros(1, 2, dtype=torch.long))
@@ -491,7 +492,8 @@ class Gemma4Unified(nn.Module):
             out[sliding] = cap + 1 if longest >= cap else _kv_bucket(longest, cap + 1)
         reads = [cache.branch_length(b) for b in p.branch_list if b is not None]
         # no branch row: two empty entries of the stand-in row (static steps read it)
-        out[None] = _kv_bucket(max(reads), cache.spec.branch_room + 1) if reads else 2
+        room = cache.spec.branch_room + 1
+        out[None] = _kv_bucket(max(reads), room) if reads else min(2, room)
         return out
 
     def _masks(

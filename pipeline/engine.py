@@ -434,8 +434,8 @@ class EngineCore:
 
         A compiled step (``--compile``) builds one graph per kind of step (one row or
         several, one token or more, audio, an image, branch prompts and decodes, alone
-        or mixed) the first time it meets it, which costs a CPU about a minute each: done
-        here, before the first client, instead of freezing every live stream mid-call.
+        or mixed) the first time it meets it, and a C++ compile takes a small CPU long:
+        done here, before the first client, instead of freezing every live stream.
         Two sessions with all tasks get noise in 40-120 ms pushes, the second starting
         later (so one session's audio meets the other's decodes in one step), and
         an image each. Counters and the observer see none of it. Returns the ticks run."""

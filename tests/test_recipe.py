@@ -48,18 +48,23 @@ def test_grammar_is_seeded() -> None:
     assert a == b and all(en and es for en, es in a)
 
 
+def _write_sentences(root: Path, n: int) -> None:
+    """``n`` grammar pairs as both splits' sentences (no prose) in ``root``."""
+    rng = random.Random(0)
+    pairs = [list(text.grammar_pair(rng)) for _ in range(n)]
+    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
+    (root / "sentences.json").write_text(json.dumps(sents))
+
+
 @needs_espeak
 def test_data_generation_is_deterministic(tmp_path: Path) -> None:
     """Two runs with the same seed give the same data hash (a small slice)."""
-    rng = random.Random(0)
-    pairs = [list(text.grammar_pair(rng)) for _ in range(8)]
-    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
     cfg = D.DataConfig(seed=7, train_clips=3, eval_clips_per_voice=0)
     hashes = []
     for run in ("a", "b"):
         root = tmp_path / run
         root.mkdir()
-        (root / "sentences.json").write_text(json.dumps(sents))
+        _write_sentences(root, 8)
         paths = D.generate(root, cfg, workers=1, splits=("train",))
         assert len(D.load_shard(paths[0])) == 3
         hashes.append(D.content_hash(paths))
@@ -274,10 +279,7 @@ SMALL: dict[str, Any] = dict(
 
 def _training_slice(root: Path) -> D.DataConfig:
     """Four generated training clips of grammar sentences under ``root``."""
-    rng = random.Random(0)
-    pairs = [list(text.grammar_pair(rng)) for _ in range(40)]
-    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
-    (root / "sentences.json").write_text(json.dumps(sents))
+    _write_sentences(root, 40)
     dcfg = D.DataConfig(seed=7, train_clips=4, eval_clips_per_voice=0)
     D.generate(root, dcfg, workers=1, splits=("train",))
     return dcfg
@@ -338,10 +340,7 @@ def test_voices_are_drawn_by_engine_share() -> None:
 def test_data_of_another_config_is_not_extended(tmp_path: Path) -> None:
     """A data directory made under one config refuses shards of another (they would mix
     silently); only the number of training clips may change."""
-    rng = random.Random(0)
-    pairs = [list(text.grammar_pair(rng)) for _ in range(8)]
-    sents = {"train_grammar": pairs, "eval_grammar": pairs, "train_prose": [], "eval_prose": []}
-    (tmp_path / "sentences.json").write_text(json.dumps(sents))
+    _write_sentences(tmp_path, 8)
     cfg = D.DataConfig(seed=7, train_clips=0, eval_clips_per_voice=0)
     D.generate(tmp_path, cfg, splits=("train",))
     D.generate(tmp_path, D.DataConfig(seed=7, train_clips=500, eval_clips_per_voice=0), splits=())

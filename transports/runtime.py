@@ -124,10 +124,10 @@ def compile_step(model: Gemma4Unified, backend: str = "inductor") -> None:
 def compiled(fn: Any, backend: str = "inductor") -> Any:
     """``torch.compile`` with dynamic shapes and inductor's C++ wrapper: the graph's kernels
     are launched from generated C++, not Python (``bench/step.py --compile``; figures in
-    the README). A stream's life needs a handful of graphs (prefill or decode, one row or
-    several, media or not, branches or not): the recompile limit leaves room for all of
-    them instead of falling back to eager after 8. ``backend="eager"`` traces and guards
-    exactly the same graphs without generating code (tests count graphs with it)."""
+    the README). With static steps (``compile_step``) the engine needs six graphs; the
+    recompile limit leaves room for a caller without them instead of falling back to
+    eager after 8. ``backend="eager"`` traces and guards exactly the same graphs without
+    generating code (tests count graphs with it)."""
     import torch
     import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor

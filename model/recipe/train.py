@@ -27,6 +27,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -644,8 +645,6 @@ class RunState:
 def autocast(device: torch.device, precision: str) -> Any:
     """The forward's precision context: bf16 autocast (matmuls and attention in bf16 on
     AMX / tensor cores; the loss heads cast back to fp32) or nothing."""
-    import contextlib
-
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -121,6 +121,82 @@ def test_held_out_scene_compositions_never_appear_in_training() -> None:
         assert all((g.colour, g.shape) not in scenes.HELDOUT_PAIRS for g in groups)
 
 
+def test_captions_say_an_before_a_vowel() -> None:
+    g = scenes.Group
+    two = [g("orange", "circle", 1), g("red", "star", 2)]
+    assert scenes.describe(two, None) == "an orange circle and two red stars"
+    assert scenes.describe([g("blue", "square", 1)], "on the left") == "a blue square on the left"
+
+
+def test_cell_labels_name_each_object_in_the_cell_of_its_centre() -> None:
+    """The vision loss's targets: the patch cell (as ``patch_image`` cuts the frame) that
+    holds an object's centre is labelled with that object's colour and shape, and its
+    pixels there are that colour; cells without a centre are 0."""
+    from rawcast.pipeline.vision import patch_image
+
+    colours, checked = list(scenes.COLOURS), 0
+    for i in range(40):
+        rng = random.Random(f"scene-3-{i}-0")
+        groups, region = scenes.sample_groups(rng, heldout=False)
+        frame, objects = scenes._render(groups, region, rng)
+        colour, shape = scenes.cell_labels(objects)
+        grid = patch_image(frame, max_soft_tokens=70)
+        assert grid.num_cells == colour.size == 64
+        labelled, caption, _ = scenes.labelled_scene(3, i)
+        assert (labelled == frame).all() and caption == scenes.scene_caption(3, i)
+        first = min(objects, key=lambda o: o.cx)  # two groups are named left to right
+        assert caption.split(" and ")[0].split()[1:3] in (
+            [first.colour, first.shape],
+            [first.colour, scenes.PLURAL[first.shape]],
+        )
+        cells = [int(o.cy // scenes.CELL) * 8 + int(o.cx // scenes.CELL) for o in objects]
+        assert len(objects) == sum(gr.count for gr in groups)
+        assert set(np.flatnonzero(colour)) == set(cells) == set(np.flatnonzero(shape))
+        for o, c in zip(objects, cells, strict=True):
+            if cells.count(c) > 1:
+                continue  # two centres in one cell: the last drawn names it
+            assert colours[colour[c] - 1] == o.colour and scenes.SHAPES[shape[c] - 1] == o.shape
+            px = grid.cells[c].reshape(48, 48, 3)[int(o.cy) % 48, int(o.cx) % 48] * 255
+            assert np.abs(px - np.array(scenes.COLOURS[o.colour])).max() <= 27
+            checked += 1
+    assert checked > 80
+
+
+def test_vision_loss_reads_the_image_cells_in_raster_order() -> None:
+    """The training-only vision loss is None without labelled images, and it takes each
+    image position's state with the label of that same cell: a middle layer that holds
+    the labels one-hot scores a lower loss than the same states shuffled."""
+    model = Gemma4Unified(preset("tiny"))
+    tk = model.cfg.tokens
+    n_col = T.VISION_CLASSES[0]
+    colour = np.arange(4) % n_col
+    shape = np.array([0, 2, 4, 1])
+    cells = (torch.rand(4, 6912), torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]]))
+    ex = T.Example([2, tk.boi, *[tk.image] * 4, tk.eoi, 13], 7, image=cells, task="caption",
+                   cell_labels=(colour, shape))  # fmt: skip
+    speech_only = T.Example([2, tk.boa, tk.audio, tk.eoa, 13], 4, audio=np.zeros((1, 640), "f4"))
+    p, _ = T.pack_batch(model, [speech_only, ex])
+    hidden = model.cfg.text.hidden_size
+    head = T.vision_head(hidden)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for k in range(sum(T.VISION_CLASSES)):
+            head.weight[k, k] = 30.0
+    mid = torch.zeros(2, p.input_ids.shape[1], hidden)
+    pos = (p.input_ids[1] == tk.image).nonzero().view(-1)
+    for j, q in enumerate(pos.tolist()):
+        mid[1, q, colour[j]] = mid[1, q, n_col + shape[j]] = 1.0
+    shuffled = mid.clone()
+    shuffled[1, pos] = mid[1, pos.flip(0)]
+    with torch.no_grad():
+        assert T.vision_loss(model, head, p, mid, [speech_only]) is None
+        right = T.vision_loss(model, head, p, mid, [speech_only, ex])
+        wrong = T.vision_loss(model, head, p, shuffled, [speech_only, ex])
+    assert right is not None and wrong is not None
+    assert float(right) < 0.01 < 1.0 < float(wrong)
+
+
 def test_training_forward_equals_the_backbone() -> None:
     """The training forward is forward_packed without a cache: same logits."""
     torch.manual_seed(0)
@@ -270,6 +346,23 @@ def test_cli_has_train_and_eval() -> None:
     args = build_parser().parse_args(["train", "--steps", "5", "--max-minutes", "1"])
     assert args.command == "train" and args.steps == 5
     assert build_parser().parse_args(["eval", "--max-clips", "3"]).max_clips == 3
+    phase = build_parser().parse_args(
+        ["train", "--init-from", "runs/a", "--task-mix", "1,1,2", "--lr", "5e-4"]
+    )
+    assert phase.task_mix == (0.25, 0.25, 0.5) and phase.lr == 5e-4
+    assert phase.init_from == Path("runs/a")
+
+
+@pytest.mark.parametrize("mix", ["1,2", "a,b,c", "1,-1,1", "0,0,0"])
+def test_a_bad_task_mix_exits_2_saying_what_to_give(
+    mix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rawcast.transports.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--task-mix", mix])
+    assert e.value.code == 2
+    assert "three non-negative shares for transcribe,translate,caption" in capsys.readouterr().err
 
 
 SMALL: dict[str, Any] = dict(
@@ -302,6 +395,27 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
     model = load(tmp_path / "out")
     assert model.tokenizer is not None and model.cfg.text.num_hidden_layers == 2
+
+    # A second phase starts from the run's weights and heads (or from the exported
+    # checkpoint, heads fresh) with a fresh optimizer; an older run without the vision
+    # head is refused by name instead of failing inside load_state_dict.
+    saved = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    fresh = T.build(tmp_path, T.TrainConfig(**SMALL), dcfg)
+    for src in (tmp_path / "run", tmp_path / "out"):
+        tr = T.build(tmp_path, T.TrainConfig(init_from=str(src), **SMALL), dcfg)
+        for k, v in tr.model.state_dict().items():
+            assert torch.equal(v, saved["model"][k]), k
+        for name, attr in (("head", "head"), ("vision_head", "vhead")):
+            want = saved[name] if src.name == "run" else getattr(fresh, attr).state_dict()
+            got = getattr(tr, attr).state_dict()
+            assert all(torch.equal(v, want[k]) for k, v in got.items()), (src.name, name)
+        assert not tr.opt.state
+    del saved["vision_head"]
+    (tmp_path / "old").mkdir()
+    torch.save(saved, tmp_path / "old" / "state.pt")
+    with pytest.raises(RuntimeError, match=r"has no vision_head.*--init-from"):
+        T.train(tmp_path, tmp_path / "old", tmp_path / "out2", T.TrainConfig(steps=4, **SMALL),
+                dcfg)  # fmt: skip
 
 
 @needs_espeak

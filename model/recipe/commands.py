@@ -40,6 +40,9 @@ def train_command(
     threads: int = 1,
     frontend: str = "fourier",
     precision: str = "fp32",
+    init_from: Path | None = None,
+    task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    lr: float = 2e-3,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -57,6 +60,9 @@ def train_command(
         threads=threads,
         frontend=frontend,
         precision=precision,
+        init_from=str(init_from) if init_from is not None else "",
+        task_mix=task_mix,
+        lr=lr,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -138,6 +144,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "is many times slower (measure with bench/train_step.py)",
     )
     train.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start a new run from another run's weights (its run dir: model and heads) or "
+        "from a checkpoint dir, with a fresh optimizer and schedule (a second phase)",
+    )
+    train.add_argument(
+        "--task-mix",
+        type=task_mix,
+        default=(0.6, 0.2, 0.2),
+        help="shares of transcribe,translate,caption examples (default: 0.6,0.2,0.2)",
+    )
+    train.add_argument(
+        "--lr", type=float, default=2e-3, help="peak learning rate (not with --drafter)"
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -192,9 +214,27 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         frontend=args.frontend,
         precision=args.precision,
+        init_from=args.init_from,
+        task_mix=args.task_mix,
+        lr=args.lr,
         **_given(args),
     )
     return 0
+
+
+def task_mix(arg: str) -> tuple[float, float, float]:
+    """``--task-mix``: three non-negative shares, normalised to sum to 1."""
+    try:
+        shares = [float(x) for x in arg.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{arg!r}: give three non-negative shares for transcribe,translate,caption, "
+            "e.g. 0.6,0.2,0.2"
+        )
+    total = sum(shares)
+    return (shares[0] / total, shares[1] / total, shares[2] / total)
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

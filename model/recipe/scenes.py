@@ -5,11 +5,14 @@ Design decisions:
 - A scene is one or two groups of identical shapes (colour x shape x count) on a
   light background, with jitter in size, place, background and a little noise, so
   the caption is fully determined by what is drawn: ``two red circles on the left``,
-  ``a blue square and three green stars``.
+  ``a blue square and three green stars``. Two groups are named left to right (by
+  each group's leftmost shape): an order read off the picture, not the sampler's.
 - Frames are rendered directly at 384x384, the size Gemma 4's resize picks for a
   square picture at 70 soft tokens, so patching is exact (8x8 = 64 cells).
 - Held-out compositions: some (colour, shape) pairs never appear in training, so
   the caption accuracy measures composition, not memory.
+- ``cell_labels`` says, per 48-px cell, the colour and shape of the object centred
+  in it (or none): the training-only vision loss reads it (``train.vision_loss``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ REGIONS = {  # name: (x0, y0, x1, y1) as fractions of the frame, for single grou
 }
 
 
+CELL = 48  # pixels per side of a patch cell (``pipeline.vision``): an 8x8 grid at SIZE
+
+
 @dataclass(frozen=True)
 class Group:
     colour: str
@@ -63,7 +69,7 @@ class Group:
 def describe(groups: list[Group], region: str | None) -> str:
     parts = []
     for g in groups:
-        det = "a" if g.count == 1 else number_words(g.count)
+        det = number_words(g.count) if g.count > 1 else "an" if g.colour[0] in "aeiou" else "a"
         parts.append(f"{det} {g.colour} {g.shape if g.count == 1 else PLURAL[g.shape]}")
     text = " and ".join(parts)
     return f"{text} {region}" if region else text
@@ -104,12 +110,27 @@ def sample_groups(rng: random.Random, heldout: bool) -> tuple[list[Group], str |
     return groups, region
 
 
+@dataclass(frozen=True)
+class Placed:
+    colour: str
+    shape: str
+    cx: float
+    cy: float
+
+
 def render(groups: list[Group], region: str | None, rng: random.Random) -> npt.NDArray[np.uint8]:
     """The scene as an RGB uint8 (384, 384, 3) frame. Shapes never overlap."""
+    return _render(groups, region, rng)[0]
+
+
+def _render(
+    groups: list[Group], region: str | None, rng: random.Random
+) -> tuple[npt.NDArray[np.uint8], list[Placed]]:
     bg = (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(img)
     placed: list[tuple[float, float, float]] = []
+    objects: list[Placed] = []
     box = REGIONS[region] if region else (0.0, 0.0, 1.0, 1.0)
     for g in groups:
         r = rng.uniform(22, 36) if g.count > 1 or len(groups) > 1 else rng.uniform(28, 48)
@@ -120,22 +141,53 @@ def render(groups: list[Group], region: str | None, rng: random.Random) -> npt.N
                 if all((cx - x) ** 2 + (cy - y) ** 2 > (r + rr + 6) ** 2 for x, y, rr in placed):
                     break
             placed.append((cx, cy, r))
+            objects.append(Placed(g.colour, g.shape, cx, cy))
             jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[g.colour])
             _draw_shape(d, g.shape, cx, cy, r, jitter)  # type: ignore[arg-type]  # 3-tuple
     arr = np.asarray(img, dtype=np.int16)
     noise = np.random.default_rng(rng.getrandbits(32)).integers(-6, 7, arr.shape)
-    return np.clip(arr + noise, 0, 255).astype(np.uint8)
+    return np.clip(arr + noise, 0, 255).astype(np.uint8), objects
+
+
+def cell_labels(objects: list[Placed]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per cell in raster order (y outer, x inner): colour class (0 none, 1 + index in
+    COLOURS) and shape class (0 none, 1 + index in SHAPES) of the object centred there."""
+    n = SIZE // CELL
+    colour = np.zeros(n * n, dtype=np.int64)
+    shape = np.zeros(n * n, dtype=np.int64)
+    names = list(COLOURS)
+    for o in objects:
+        cell = min(n - 1, int(o.cy // CELL)) * n + min(n - 1, int(o.cx // CELL))
+        colour[cell] = 1 + names.index(o.colour)
+        shape[cell] = 1 + SHAPES.index(o.shape)
+    return colour, shape
+
+
+def labelled_scene(
+    seed: int, index: int, heldout: bool = False
+) -> tuple[npt.NDArray[np.uint8], str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """``scene`` and its ``cell_labels``."""
+    rng = random.Random(f"scene-{seed}-{index}-{int(heldout)}")
+    groups, region = sample_groups(rng, heldout)
+    frame, objects = _render(groups, region, rng)
+    return frame, describe(reading_order(groups, objects), region), cell_labels(objects)
+
+
+def reading_order(groups: list[Group], objects: list[Placed]) -> list[Group]:
+    """Groups sorted by the x of their leftmost shape."""
+
+    def left(g: Group) -> float:
+        return min(o.cx for o in objects if (o.colour, o.shape) == (g.colour, g.shape))
+
+    return sorted(groups, key=left)
 
 
 def scene(seed: int, index: int, heldout: bool = False) -> tuple[npt.NDArray[np.uint8], str]:
     """Scene number ``index`` of a seeded stream: (frame, caption)."""
-    rng = random.Random(f"scene-{seed}-{index}-{int(heldout)}")
-    groups, region = sample_groups(rng, heldout)
-    return render(groups, region, rng), describe(groups, region)
+    frame, caption, _ = labelled_scene(seed, index, heldout)
+    return frame, caption
 
 
 def scene_caption(seed: int, index: int, heldout: bool = False) -> str:
-    """The caption of ``scene(seed, index, heldout)`` without rendering it."""
-    rng = random.Random(f"scene-{seed}-{index}-{int(heldout)}")
-    groups, region = sample_groups(rng, heldout)
-    return describe(groups, region)
+    """The caption of ``scene(seed, index, heldout)``."""
+    return labelled_scene(seed, index, heldout)[1]

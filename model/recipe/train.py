@@ -11,7 +11,12 @@ Design decisions:
   audio projection starts as a Hann-windowed Fourier basis on a mel-like frequency
   grid, and the first MLP as the band energies of it (a spectrogram at init); an
   auxiliary CTC loss on the audio positions of a middle layer, through a head that
-  exists only during training.
+  exists only during training; and a vision loss of the same kind: per image cell,
+  the colour and shape of the object centred there (``scenes.cell_labels``), read
+  from the same middle layer by a training-only head. A caption names shapes and
+  counts them, and with the caption loss alone the model learned colours but
+  guessed shapes and counts (0 % exact captions); the cell labels say where each
+  object is and what it is.
 - CTC targets are phones (espeak-ng's en-us IPA of each word, cached in the data
   directory as ``lexicon.json``), not letters: at 25 frames a second, letters need
   a label on about half of all frames and English spelling is not what the audio
@@ -20,9 +25,12 @@ Design decisions:
 - The training forward (``hidden_states``) is the backbone's own ``forward_packed``
   without a cache, restated to expose a middle layer and to project only the
   positions that carry a loss (tests check it equals ``forward_packed``).
-- Resumable: ``state.pt`` holds model, CTC head, optimizer and step; batches are a
+- Resumable: ``state.pt`` holds model, heads, optimizer and step; batches are a
   pure function of (seed, step), so a resumed run sees the batches it would have
   seen. The shipped checkpoint is exported every ``export_every`` steps.
+- ``init_from``: a new run may start from another run's weights (its ``state.pt``:
+  model and heads) or from an exported checkpoint (model only), with a fresh
+  optimizer and schedule: a second phase with another task mix.
 """
 
 from __future__ import annotations
@@ -159,6 +167,8 @@ class TrainConfig:
     max_minutes: float = 70.0
     seed: int = 1234
     threads: int = 1  # 0: torch's default
+    vision_weight: float = 0.5  # the training-only per-cell colour/shape loss
+    init_from: str = ""  # a run dir (state.pt) or checkpoint dir to start a new run from
 
 
 @dataclass
@@ -169,6 +179,7 @@ class Example:
     image: tuple[torch.Tensor, torch.Tensor] | None = None
     ctc: list[int] = field(default_factory=list)
     task: str = "transcribe"
+    cell_labels: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
 
 
 def frames(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -212,7 +223,7 @@ def truncated(
 def caption_example(fmt: PromptFormat, seed: int, index: int, rng: np.random.Generator) -> Example:
     from rawcast.pipeline.vision import patch_image
 
-    img, cap = scenes.scene(seed, index)
+    img, cap, labels = scenes.labelled_scene(seed, index)
     grid = patch_image(img, max_soft_tokens=70)
     tok = fmt.tok
     n_after = int(rng.integers(0, 20)) if rng.random() < 0.5 else 0
@@ -228,6 +239,7 @@ def caption_example(fmt: PromptFormat, seed: int, index: int, rng: np.random.Gen
         audio=frames(noise) if n_after else None,
         image=(cells, pos),
         task="caption",
+        cell_labels=labels if grid.num_cells == labels[0].size else None,
     )
 
 
@@ -445,9 +457,54 @@ def pack_batch(model: Gemma4Unified, batch: Sequence[Example]) -> tuple[Packed, 
     return p, labels.to(model.device)
 
 
+VISION_CLASSES = (1 + len(scenes.COLOURS), 1 + len(scenes.SHAPES))
+
+
+def vision_head(hidden: int) -> nn.Linear:
+    """The training-only per-cell head: colour logits, then shape logits."""
+    return nn.Linear(hidden, sum(VISION_CLASSES))
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def vision_loss(
+    model: Gemma4Unified,
+    head: nn.Linear,
+    p: Packed,
+    mid: torch.Tensor,
+    batch: Sequence[Example],
+) -> torch.Tensor | None:
+    """Mean cross-entropy of each cell's colour and shape class (``scenes.cell_labels``)
+    from the middle layer at the image positions, or None without labelled images."""
+    states, colours, shapes = [], [], []
+    for i, ex in enumerate(batch):
+        if ex.cell_labels is None:
+            continue
+        pos = (p.input_ids[i] == model.cfg.tokens.image).nonzero().view(-1)
+        states.append(mid[i, pos])
+        colours.append(torch.from_numpy(ex.cell_labels[0]))
+        shapes.append(torch.from_numpy(ex.cell_labels[1]))
+    if not states:
+        return None
+    logits = head(_rms(torch.cat(states))).float()
+    n_colour = VISION_CLASSES[0]
+    dev = logits.device
+    return F.cross_entropy(logits[:, :n_colour], torch.cat(colours).to(dev)) + F.cross_entropy(
+        logits[:, n_colour:], torch.cat(shapes).to(dev)
+    )
+
+
 def losses(
-    model: Gemma4Unified, head: nn.Linear, batch: Sequence[Example], cfg: TrainConfig
+    model: Gemma4Unified,
+    head: nn.Linear,
+    batch: Sequence[Example],
+    cfg: TrainConfig,
+    vhead: nn.Linear | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Cross-entropy on the targets, the auxiliary CTC loss and (with ``vhead``) the
+    per-cell vision loss; ``loss`` is their weighted sum."""
     p, labels = pack_batch(model, batch)
     h, mid = hidden_states(model, p, cfg.ctc_layer)
     sel = labels != -100
@@ -474,8 +531,7 @@ def losses(
             targets.extend(batch[i].ctc)
             tgt_lens.append(len(batch[i].ctc))
         padded = nn.utils.rnn.pad_sequence(seqs)  # (T, N, H)
-        normed = padded * torch.rsqrt(padded.pow(2).mean(-1, keepdim=True) + 1e-6)
-        logp = F.log_softmax(head(normed).float(), dim=-1)
+        logp = F.log_softmax(head(_rms(padded)).float(), dim=-1)
         ctc = F.ctc_loss(  # mean over the batch of the loss per target token
             logp,
             torch.tensor(targets, device=logp.device),
@@ -488,6 +544,10 @@ def losses(
         out["loss"] = out["ce"] + cfg.ctc_weight * ctc
     else:
         out["loss"] = out["ce"]
+    vis = vision_loss(model, vhead, p, mid, batch) if vhead is not None else None
+    if vis is not None and cfg.vision_weight > 0:
+        out["vision"] = vis
+        out["loss"] = out["loss"] + cfg.vision_weight * vis
     return out
 
 
@@ -590,6 +650,12 @@ class RunState:
     def resume(self, device: torch.device) -> None:
         if self.file.exists():
             st = torch.load(self.file, map_location=device, weights_only=False)
+            missing = [name for name in self.parts if name not in st]
+            if missing:
+                raise RuntimeError(
+                    f"{self.file} has no {', '.join(missing)} (a run of an older recipe): "
+                    "start a new run directory with --init-from it"
+                )
             for name, part in self.parts.items():
                 part.load_state_dict(st[name])
             self.step, self.spent = int(st["step"]), float(st.get("minutes", 0.0))
@@ -659,6 +725,7 @@ class Trainer:
     fmt: PromptFormat
     model: Gemma4Unified
     head: nn.Linear
+    vhead: nn.Linear
     params: list[nn.Parameter]
     opt: torch.optim.AdamW
     corpus: Corpus
@@ -674,7 +741,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         with autocast(self.device, self.cfg.precision):
-            out = losses(self.model, self.head, batch, self.cfg)
+            out = losses(self.model, self.head, batch, self.cfg, self.vhead)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -700,11 +767,39 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
         raise RuntimeError(f"no training shards under {data_root}: generate data first")
     lex = corpus.lexicon() if cfg.ctc_targets == "phones" else None
     head = nn.Linear(cfg.hidden, 1 + (len(lex.phones) if lex else len(CTC_CHARS)))
+    vhead = vision_head(cfg.hidden)
+    if cfg.init_from:
+        start_from(Path(cfg.init_from), model, {"head": head, "vision_head": vhead})
     model.to(device)
     head.to(device)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    vhead.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += [*head.parameters(), *vhead.parameters()]
     opt = adamw(params, cfg.lr, cfg.weight_decay)
-    return Trainer(cfg, device, PromptFormat(tok), model, head, params, opt, corpus, lex)
+    return Trainer(cfg, device, PromptFormat(tok), model, head, vhead, params, opt, corpus, lex)
+
+
+def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> list[str]:
+    """Weights of another run (``src/state.pt``: the model and the heads it has) or of an
+    exported checkpoint (the model only) into a new run's modules. Shapes must match.
+    Returns the names of the heads that kept their fresh init."""
+    from rawcast.model.loader import load
+
+    state = src / "state.pt"
+    if state.exists():
+        st = torch.load(state, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        fresh = [name for name in heads if name not in st]
+        for name, head in heads.items():
+            if name in st:
+                head.load_state_dict(st[name])
+        return fresh
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
+    tok = model.tokenizer
+    model.load_state_dict(load(src).state_dict())
+    model.tokenizer = tok
+    return list(heads)
 
 
 def train(
@@ -725,8 +820,10 @@ def train(
         export(model, out_dir)
         model.train()
 
-    run = RunState(run_dir, {"model": model, "head": tr.head, "opt": tr.opt}, cfg, save_model,
-                   shown=("loss", "ce", "ctc"), log=log)  # fmt: skip
+    parts = {"model": model, "head": tr.head, "vision_head": tr.vhead, "opt": tr.opt}
+    run = RunState(run_dir, parts, cfg, save_model, shown=("loss", "ce", "ctc", "vision"), log=log)
+    if cfg.init_from and run.file.exists():
+        log(f"{run.file} exists: resuming it (--init-from starts a new run only)")
     run.resume(tr.device)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model.train()

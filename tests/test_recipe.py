@@ -138,7 +138,7 @@ def test_cell_labels_name_each_object_in_the_cell_of_its_centre() -> None:
     for i in range(40):
         rng = random.Random(f"scene-3-{i}-0")
         groups, region = scenes.sample_groups(rng, heldout=False)
-        frame, objects = scenes._render(groups, region, rng)
+        frame, objects = scenes.render(groups, region, rng)
         colour, shape = scenes.cell_labels(objects)
         grid = patch_image(frame, max_soft_tokens=70)
         assert grid.num_cells == colour.size == 64

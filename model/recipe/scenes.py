@@ -118,14 +118,11 @@ class Placed:
     cy: float
 
 
-def render(groups: list[Group], region: str | None, rng: random.Random) -> npt.NDArray[np.uint8]:
-    """The scene as an RGB uint8 (384, 384, 3) frame. Shapes never overlap."""
-    return _render(groups, region, rng)[0]
-
-
-def _render(
+def render(
     groups: list[Group], region: str | None, rng: random.Random
 ) -> tuple[npt.NDArray[np.uint8], list[Placed]]:
+    """The scene as an RGB uint8 (384, 384, 3) frame, and where each shape went. Shapes
+    never overlap."""
     bg = (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(img)
@@ -169,7 +166,7 @@ def labelled_scene(
     """``scene`` and its ``cell_labels``."""
     rng = random.Random(f"scene-{seed}-{index}-{int(heldout)}")
     groups, region = sample_groups(rng, heldout)
-    frame, objects = _render(groups, region, rng)
+    frame, objects = render(groups, region, rng)
     return frame, describe(reading_order(groups, objects), region), cell_labels(objects)
 
 

@@ -52,7 +52,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rawcast.model.gemma4 import Append, DecoderLayer, Gemma4Unified, Packed, rope_cos_sin, softcap
+from rawcast.model.gemma4 import (
+    Append,
+    DecoderLayer,
+    Gemma4Unified,
+    Packed,
+    rms_norm,
+    rope_cos_sin,
+    softcap,
+)
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import scenes
@@ -239,7 +247,7 @@ def caption_example(fmt: PromptFormat, seed: int, index: int, rng: np.random.Gen
         audio=frames(noise) if n_after else None,
         image=(cells, pos),
         task="caption",
-        cell_labels=labels if grid.num_cells == labels[0].size else None,
+        cell_labels=labels,
     )
 
 
@@ -465,10 +473,6 @@ def vision_head(hidden: int) -> nn.Linear:
     return nn.Linear(hidden, sum(VISION_CLASSES))
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
 def vision_loss(
     model: Gemma4Unified,
     head: nn.Linear,
@@ -488,7 +492,7 @@ def vision_loss(
         shapes.append(torch.from_numpy(ex.cell_labels[1]))
     if not states:
         return None
-    logits = head(_rms(torch.cat(states))).float()
+    logits = head(rms_norm(torch.cat(states), None, 1e-6)).float()
     n_colour = VISION_CLASSES[0]
     dev = logits.device
     return F.cross_entropy(logits[:, :n_colour], torch.cat(colours).to(dev)) + F.cross_entropy(
@@ -531,7 +535,7 @@ def losses(
             targets.extend(batch[i].ctc)
             tgt_lens.append(len(batch[i].ctc))
         padded = nn.utils.rnn.pad_sequence(seqs)  # (T, N, H)
-        logp = F.log_softmax(head(_rms(padded)).float(), dim=-1)
+        logp = F.log_softmax(head(rms_norm(padded, None, 1e-6)).float(), dim=-1)
         ctc = F.ctc_loss(  # mean over the batch of the loss per target token
             logp,
             torch.tensor(targets, device=logp.device),
@@ -779,27 +783,23 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
     return Trainer(cfg, device, PromptFormat(tok), model, head, vhead, params, opt, corpus, lex)
 
 
-def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> list[str]:
+def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> None:
     """Weights of another run (``src/state.pt``: the model and the heads it has) or of an
-    exported checkpoint (the model only) into a new run's modules. Shapes must match.
-    Returns the names of the heads that kept their fresh init."""
+    exported checkpoint (the model only; the heads keep their fresh init) into a new
+    run's modules. Shapes must match."""
     from rawcast.model.loader import load
 
     state = src / "state.pt"
     if state.exists():
         st = torch.load(state, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
-        fresh = [name for name in heads if name not in st]
         for name, head in heads.items():
             if name in st:
                 head.load_state_dict(st[name])
-        return fresh
-    if not (src / "config.json").exists():
+    elif (src / "config.json").exists():
+        model.load_state_dict(load(src).state_dict())
+    else:
         raise FileNotFoundError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
-    tok = model.tokenizer
-    model.load_state_dict(load(src).state_dict())
-    model.tokenizer = tok
-    return list(heads)
 
 
 def train(

@@ -195,6 +195,19 @@ def test_vision_loss_reads_the_image_cells_in_raster_order() -> None:
         wrong = T.vision_loss(model, head, p, shuffled, [speech_only, ex])
     assert right is not None and wrong is not None
     assert float(right) < 0.01 < 1.0 < float(wrong)
+    # Shape counts only where an object sits: any shape guess in the empty cell is free,
+    # a wrong one in an occupied cell is not.
+    empty, occupied = int(pos[0]), int(pos[1])
+    guess_empty, guess_occupied = mid.clone(), mid.clone()
+    shapes = slice(n_col, n_col + T.VISION_CLASSES[1])
+    guess_empty[1, empty, shapes] = torch.eye(T.VISION_CLASSES[1])[3]
+    guess_occupied[1, occupied, shapes] = torch.eye(T.VISION_CLASSES[1])[3]
+    with torch.no_grad():
+        free = T.vision_loss(model, head, p, guess_empty, [speech_only, ex])
+        costly = T.vision_loss(model, head, p, guess_occupied, [speech_only, ex])
+    assert free is not None and costly is not None
+    assert float(free) == pytest.approx(float(right), abs=1e-6)
+    assert float(costly) > 1.0
 
 
 def test_training_forward_equals_the_backbone() -> None:
@@ -350,7 +363,18 @@ def test_cli_has_train_and_eval() -> None:
         ["train", "--init-from", "runs/a", "--task-mix", "1,1,2", "--lr", "5e-4"]
     )
     assert phase.task_mix == (0.25, 0.25, 0.5) and phase.lr == 5e-4
-    assert phase.init_from == Path("runs/a")
+    assert phase.init_from == Path("runs/a") and phase.vision_weight == 0.5
+    assert build_parser().parse_args(["train", "--vision-weight", "2"]).vision_weight == 2.0
+
+
+@pytest.mark.parametrize("weight", ["-1", "x", "nan"])
+def test_a_bad_vision_weight_exits_2(weight: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from rawcast.transports.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--vision-weight", weight])
+    assert e.value.code == 2
+    assert "give a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mix", ["1,2", "a,b,c", "1,-1,1", "0,0,0"])

@@ -43,6 +43,7 @@ def train_command(
     init_from: Path | None = None,
     task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2),
     lr: float = 2e-3,
+    vision_weight: float = 0.5,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -63,6 +64,7 @@ def train_command(
         init_from=str(init_from) if init_from is not None else "",
         task_mix=task_mix,
         lr=lr,
+        vision_weight=vision_weight,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -160,6 +162,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--lr", type=float, default=2e-3, help="peak learning rate (not with --drafter)"
     )
     train.add_argument(
+        "--vision-weight",
+        type=non_negative,
+        default=0.5,
+        help="weight of the training-only per-cell colour/shape loss on images (0: off)",
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -217,9 +225,21 @@ def _train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         task_mix=args.task_mix,
         lr=args.lr,
+        vision_weight=args.vision_weight,
         **_given(args),
     )
     return 0
+
+
+def non_negative(arg: str) -> float:
+    """A float >= 0 (``--vision-weight``)."""
+    try:
+        value = float(arg)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{arg!r}: give a number >= 0, e.g. 0.5")
+    return value
 
 
 def task_mix(arg: str) -> tuple[float, float, float]:

@@ -480,8 +480,9 @@ def vision_loss(
     mid: torch.Tensor,
     batch: Sequence[Example],
 ) -> torch.Tensor | None:
-    """Mean cross-entropy of each cell's colour and shape class (``scenes.cell_labels``)
-    from the middle layer at the image positions, or None without labelled images."""
+    """Mean cross-entropy of each cell's colour class (0: empty) plus that of the shape
+    class over the cells an object sits in (``scenes.cell_labels``), from the middle layer
+    at the image positions, or None without labelled images."""
     states, colours, shapes = [], [], []
     for i, ex in enumerate(batch):
         if ex.cell_labels is None:
@@ -495,9 +496,14 @@ def vision_loss(
     logits = head(rms_norm(torch.cat(states), None, 1e-6)).float()
     n_colour = VISION_CLASSES[0]
     dev = logits.device
-    return F.cross_entropy(logits[:, :n_colour], torch.cat(colours).to(dev)) + F.cross_entropy(
-        logits[:, n_colour:], torch.cat(shapes).to(dev)
-    )
+    colour, shape = torch.cat(colours).to(dev), torch.cat(shapes).to(dev)
+    loss = F.cross_entropy(logits[:, :n_colour], colour)
+    # Shape only where an object sits: over all cells the empty ones (most of them)
+    # would dilute it to a few per cent of the loss, and shape is what the captions miss.
+    held = shape > 0
+    if bool(held.any()):
+        loss = loss + F.cross_entropy(logits[held, n_colour:], shape[held])
+    return loss
 
 
 def losses(

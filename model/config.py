@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -75,6 +75,12 @@ class TextConfig:
     @property
     def full_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+
+
+# Images per picture in soft tokens (one per 48-px cell): the reference's choices and
+# default. A checkpoint names its own in preprocessor_config.json (``loader.load``).
+SOFT_TOKEN_BUDGETS: Final = (70, 140, 280, 560, 1120)
+DEFAULT_SOFT_TOKENS: Final = 280
 
 
 @dataclass(frozen=True)

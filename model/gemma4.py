@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rawcast.model.cache import KVCache
-from rawcast.model.config import ModelConfig, RopeConfig, TextConfig
+from rawcast.model.config import DEFAULT_SOFT_TOKENS, ModelConfig, RopeConfig, TextConfig
 from rawcast.model.tokenizer import Tokenizer
 
 # --- pure functions -----------------------------------------------------------------------
@@ -291,6 +291,9 @@ class Gemma4Unified(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer: Tokenizer | None = None
+        # Soft tokens per picture that the checkpoint was made for (its processor
+        # setting, preprocessor_config.json): what the engine patches pictures to.
+        self.image_budget = DEFAULT_SOFT_TOKENS
         # Few shapes of step for compilers (``rawcast.transports.runtime.compile_step``
         # sets it): cached steps always carry audio and branch rows and read slots by
         # gather, so that only one row or several, one token or several, and an image or

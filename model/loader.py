@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 
-from rawcast.model.config import ConfigError, ModelConfig
+from rawcast.model.config import SOFT_TOKEN_BUDGETS, ConfigError, ModelConfig
 from rawcast.model.gemma4 import Gemma4Unified, rope_inv_freq
 from rawcast.model.tokenizer import Tokenizer
 
@@ -190,7 +190,26 @@ def load(
         raise CheckpointError(f"{path}: {e}") from None
     tok = path / "tokenizer.json"
     model.tokenizer = Tokenizer.from_file(tok, cfg.tokens) if tok.exists() else None
+    model.image_budget = image_budget(path, model.image_budget)
     return model.eval()
+
+
+PROCESSOR_FILE = "preprocessor_config.json"  # where transformers' image processor reads it
+
+
+def image_budget(path: Path, default: int) -> int:
+    """The soft tokens per picture a checkpoint names (``max_soft_tokens`` in its
+    preprocessor_config.json), or ``default`` without one."""
+    f = path / PROCESSOR_FILE
+    if not f.exists():
+        return default
+    try:
+        budget = json.loads(f.read_text()).get("max_soft_tokens", default)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{f} is not a JSON object: {e}") from None
+    if budget not in SOFT_TOKEN_BUDGETS:
+        raise CheckpointError(f"{f}: max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}")
+    return int(budget)
 
 
 def checkpoint_key(name: str) -> str:
@@ -234,9 +253,18 @@ def write_checkpoint(
 def save(model: Gemma4Unified, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + model.safetensors that both rawcast and transformers load.
 
-    The tokenizer, when the model has one, is written as tokenizer.json.
+    The tokenizer, when the model has one, is written as tokenizer.json, and the image
+    processor's settings (its soft-token budget) as preprocessor_config.json.
     """
     out = write_checkpoint(path, model.cfg.to_dict(), model.state_dict(), checkpoint_key, dtype)
     if model.tokenizer is not None:
         model.tokenizer.save(out / "tokenizer.json")
+    if model.cfg.vision is not None:
+        processor = {
+            "image_processor_type": "Gemma4UnifiedImageProcessor",
+            "max_soft_tokens": model.image_budget,
+            "patch_size": model.cfg.vision.patch_size,
+            "pooling_kernel_size": model.cfg.vision.pooling_kernel_size,
+        }
+        (out / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     return out

@@ -26,6 +26,7 @@ on the worker. Events come back through a per-session asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ import structlog
 import torch
 
 from rawcast.model.cache import CacheSpec, KVCache
+from rawcast.model.config import SOFT_TOKEN_BUDGETS
 from rawcast.model.gemma4 import Append, Gemma4Unified
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.speculative import Proposer, SpecConfig, Stream, accept, draft
@@ -185,14 +187,16 @@ class EngineCore:
         session_id: str | None = None,
     ) -> Session:
         config = config or SessionConfig()
+        budget = config.max_soft_tokens or self.image_budget()
+        config = dataclasses.replace(config, max_soft_tokens=budget)
         if config.max_segment_s > self.config.max_segment_s:
             raise ValueError(
                 f"max_segment_s {config.max_segment_s} exceeds the engine's "
                 f"{self.config.max_segment_s}"
             )
-        if config.max_soft_tokens > self.config.max_image_tokens:
+        if budget > self.config.max_image_tokens:
             raise ValueError(
-                f"max_soft_tokens {config.max_soft_tokens} exceeds the engine's "
+                f"max_soft_tokens {budget} exceeds the engine's "
                 f"max_image_tokens {self.config.max_image_tokens}"
             )
         if self.drafter is not None:
@@ -210,6 +214,12 @@ class EngineCore:
         self.sessions[s.id] = s
         log.info("session.opened", session_id=s.id, slot=slot)
         return s
+
+    def image_budget(self) -> int:
+        """Soft tokens per picture for a session that names none: the checkpoint's own
+        budget (what it was trained at), or the largest that fits ``max_image_tokens``."""
+        fits = [b for b in SOFT_TOKEN_BUDGETS if b <= self.config.max_image_tokens]
+        return min(self.model.image_budget, max(fits, default=SOFT_TOKEN_BUDGETS[0]))
 
     def release(self, s: Session) -> None:
         """Free a closed session's slot for reuse."""

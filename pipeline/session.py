@@ -54,7 +54,7 @@ from rawcast.pipeline.media import (
 )
 from rawcast.pipeline.stabilize import LocalAgreement
 from rawcast.pipeline.vad import SileroModel, Vad, VadConfig
-from rawcast.pipeline.vision import FrameSampler, SamplerConfig
+from rawcast.pipeline.vision import DEFAULT_SOFT_TOKENS, FrameSampler, SamplerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +87,7 @@ class SessionConfig:
     vad: VadConfig | None = field(default_factory=VadConfig)  # None: segments end on commit
     preroll_ms: int = 200
     caption_interval_s: float = 2.0
-    max_soft_tokens: int = 280
+    max_soft_tokens: int | None = None  # per picture; None: the checkpoint's (EngineCore.open)
     max_pending_s: float = 30.0  # audio waiting for the engine before the oldest is dropped
 
     def __post_init__(self) -> None:
@@ -185,7 +185,8 @@ class Session:
             raise SessionError("voice activity detection needs the Silero model")
         self.sampler = FrameSampler(
             SamplerConfig(
-                interval_s=config.caption_interval_s, max_soft_tokens=config.max_soft_tokens
+                interval_s=config.caption_interval_s,
+                max_soft_tokens=config.max_soft_tokens or DEFAULT_SOFT_TOKENS,  # the engine's
             )
         )
         self.items: deque[Item] = deque()

@@ -52,10 +52,10 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from rawcast.model.config import DEFAULT_SOFT_TOKENS as DEFAULT_SOFT_TOKENS
+from rawcast.model.config import SOFT_TOKEN_BUDGETS as SOFT_TOKEN_BUDGETS
 from rawcast.pipeline.media import CELL, CELL_VALUES, PatchGrid
 
-SOFT_TOKEN_BUDGETS: Final = (70, 140, 280, 560, 1120)
-DEFAULT_SOFT_TOKENS: Final = 280
 _TEACHER_PATCH: Final = 16  # the reference's patch_size; 3x3 of them make one cell
 _POOLING: Final = 3
 _SCALE: Final = np.float32(1 / 255)  # transformers' rescale_factor, applied in float32

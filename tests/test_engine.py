@@ -456,3 +456,26 @@ def test_a_warm_up_that_fails_refuses_to_start(model: Gemma4Unified) -> None:
     with pytest.raises(RuntimeError, match=r"warm-up failed: .*no kernel for this step"):
         core.warm_up()
     assert (core.free_slots, core.sessions) == ([0, 1], {})
+
+
+def test_a_session_that_names_no_image_budget_gets_the_checkpoints(model: Gemma4Unified) -> None:
+    """Pictures are patched at the budget the checkpoint was trained at (its
+    preprocessor_config.json), capped by the engine's max_image_tokens; a session may
+    still name its own, within the cap."""
+    tasks = Tasks(caption=True)
+    before = model.image_budget
+    try:
+        for own, cap, want in ((70, 280, 70), (280, 280, 280), (560, 140, 140), (280, 100, 70)):
+            model.image_budget = own
+            core = EngineCore(model, EngineConfig(max_sessions=1, max_image_tokens=cap))
+            s = core.open(SessionConfig(tasks=tasks, vad=None))
+            assert (s.config.max_soft_tokens, s.sampler.config.max_soft_tokens) == (want, want)
+            core.release(s)
+        core = EngineCore(model, EngineConfig(max_sessions=1, max_image_tokens=280))
+        s = core.open(SessionConfig(tasks=tasks, vad=None, max_soft_tokens=140))
+        assert s.sampler.config.max_soft_tokens == 140
+        core.release(s)
+        with pytest.raises(ValueError, match="exceeds the engine's max_image_tokens"):
+            core.open(SessionConfig(tasks=tasks, vad=None, max_soft_tokens=560))
+    finally:
+        model.image_budget = before

@@ -134,6 +134,29 @@ def test_streamed_equals_offline_when_the_engine_sees_the_same_audio(
     assert r["examples"][0]["hyp"]  # a real decode, not two empty strings
 
 
+def test_a_camera_session_captions_a_scene_as_the_offline_pass_does(
+    model: Gemma4Unified, data_dir: Path
+) -> None:
+    """The streamed caption pass runs each scene through a camera session of the engine,
+    which patches it at the checkpoint's budget, as the model was trained and as the
+    offline pass decodes it: the same captions, so the same accuracies."""
+    from rawcast.model.recipe import decode, scenes
+    from rawcast.model.recipe.streamed import ClipStreamer
+
+    streamer = ClipStreamer(model, StreamConfig(vad=False))
+    for i in range(3):
+        img, _ = scenes.scene(7, i, heldout=bool(i % 2))
+        got = streamer.caption(img)
+        assert got and got == decode.caption(model, img)
+    r = evaluate(model, data_dir, max_clips=1, n_scenes=3, stream=StreamConfig(vad=False))
+    for key in ("caption_acc_heldout", "caption_acc_seen_compositions"):
+        assert r["streamed"][key] == r[key]
+        assert (
+            f"caption accuracy, {'held-out' if 'held' in key else 'seen'} compositions: "
+            f"offline {100 * r[key]:.1f}%, streamed {100 * r[key]:.1f}%" in summary(r)
+        )
+
+
 def test_summary_reports_both_passes_and_the_baselines_on_the_same_clips(
     both: tuple[dict[str, Any], str],
 ) -> None:

@@ -329,6 +329,33 @@ def test_saved_checkpoint_loads_in_transformers(tiny: rm.Gemma4Unified, tmp_path
     assert torch.equal(same, tiny.logits(ids, audio=audio, images=images))
 
 
+def test_a_checkpoint_names_its_image_budget_as_transformers_reads_it(
+    tiny: rm.Gemma4Unified, tmp_path: Path
+) -> None:
+    """save() writes the soft tokens per picture in preprocessor_config.json, where
+    transformers' image processor reads max_soft_tokens; load() reads it back; a
+    checkpoint without the file gets the reference's 280; a bad value is refused."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    from rawcast.model.loader import save
+
+    assert tiny.image_budget == 280
+    tiny.image_budget = 70
+    try:
+        save(tiny, tmp_path / "ck")
+    finally:
+        tiny.image_budget = 280
+    hf, _ = ImageProcessingMixin.get_image_processor_dict(str(tmp_path / "ck"))
+    assert hf["max_soft_tokens"] == 70 and hf["image_processor_type"].startswith("Gemma4")
+    assert rm.load(tmp_path / "ck").image_budget == 70
+    assert rm.load("rawcast-tiny").image_budget == 70  # the shipped model's, as trained
+    (tmp_path / "ck" / "preprocessor_config.json").unlink()
+    assert rm.load(tmp_path / "ck").image_budget == 280
+    (tmp_path / "ck" / "preprocessor_config.json").write_text('{"max_soft_tokens": 100}')
+    with pytest.raises(CheckpointError, match="max_soft_tokens must be one of"):
+        rm.load(tmp_path / "ck")
+
+
 def test_branches_share_a_prefix_and_leave_it_untouched(tiny: rm.Gemma4Unified) -> None:
     """Three branches over one slot's prefix decode in one forward, each equal to its own
     one-pass prompt; the prefix then continues as if they never existed."""

@@ -80,7 +80,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from rawcast.pipeline.engine import SessionHandle, SessionLimitError
 from rawcast.pipeline.media import ClosedEvent
 from rawcast.pipeline.session import SessionConfig, Tasks
-from rawcast.pipeline.vision import SOFT_TOKEN_BUDGETS
 from rawcast.transports.app import AppState
 from rawcast.transports.realtime_protocol import (
     Clear,
@@ -126,10 +125,6 @@ def session_config(st: AppState, protocol: RealtimeProtocol) -> SessionConfig:
         max_segment_s=min(30.0, st.engine.core.config.max_segment_s),
         vad=protocol.vad_config(),
         preroll_ms=300,
-        max_soft_tokens=max(
-            [b for b in SOFT_TOKEN_BUDGETS if b <= st.engine.core.config.max_image_tokens],
-            default=SOFT_TOKEN_BUDGETS[0],
-        ),
     )
 
 

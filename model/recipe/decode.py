@@ -81,6 +81,6 @@ def caption(model: Gemma4Unified, image: npt.NDArray[np.uint8]) -> str:
     from rawcast.pipeline.vision import patch_image
 
     assert model.tokenizer is not None
-    grid = patch_image(image, max_soft_tokens=70)
+    grid = patch_image(image, max_soft_tokens=model.image_budget)
     cells = (torch.from_numpy(grid.cells), torch.from_numpy(grid.positions))
     return model.tokenizer.decode(greedy(model, "caption", image=cells)).strip()

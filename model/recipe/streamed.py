@@ -4,7 +4,8 @@ Each clip goes to a new session of an ``EngineCore`` run in-process, exactly as
 ``rawcast transcribe`` runs it (``rawcast.pipeline.replay``, default ``EngineConfig``),
 in 40 ms chunks as a live stream sends them; transcription and, for clips with a
 Spanish reference, translation into Spanish run in the same session. The clip's
-streamed text is the final text of its segments, joined.
+streamed text is the final text of its segments, joined. Each scene goes to a camera
+session (captions only) as one picture; its caption is the session's final caption.
 
 Design decisions:
 
@@ -83,6 +84,12 @@ class ClipStreamer:
             max_segment_s=max_s,
             vad=VadConfig() if self.config.vad else None,
         )
+
+    def caption(self, picture: npt.NDArray[np.uint8]) -> str:
+        """The caption a camera session gets for ``picture`` (shown at media time 0)."""
+        config = SessionConfig(tasks=Tasks(transcribe=False, caption=True), vad=None)
+        _, captions = final_text(replay(self.core, [(picture, 0.0)], config))
+        return " ".join(c.text for c in captions)
 
     def __call__(self, audio: npt.NDArray[np.float32], translate: bool) -> StreamedClip:
         x = np.concatenate([audio.astype(np.float32), self._trail])

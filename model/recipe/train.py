@@ -228,11 +228,15 @@ def truncated(
     return audio[:cut], " ".join(kept)
 
 
+# Soft tokens per picture in training: a 384-px scene is 8x8 cells, one per 48-px cell.
+IMAGE_BUDGET = 70
+
+
 def caption_example(fmt: PromptFormat, seed: int, index: int, rng: np.random.Generator) -> Example:
     from rawcast.pipeline.vision import patch_image
 
     img, cap, labels = scenes.labelled_scene(seed, index)
-    grid = patch_image(img, max_soft_tokens=70)
+    grid = patch_image(img, max_soft_tokens=IMAGE_BUDGET)
     tok = fmt.tok
     n_after = int(rng.integers(0, 20)) if rng.random() < 0.5 else 0
     noise = (rng.standard_normal(n_after * FRAME) * 10 ** rng.uniform(-4, -2)).astype(np.float32)
@@ -772,6 +776,7 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
     model = Gemma4Unified(mcfg)
     init_model(model, cfg.seed, cfg.frontend)
     model.tokenizer = tok
+    model.image_budget = IMAGE_BUDGET  # exported with it: the engine patches pictures so
     corpus = Corpus(data_root)
     if len(corpus) == 0:
         raise RuntimeError(f"no training shards under {data_root}: generate data first")

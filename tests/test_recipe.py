@@ -91,6 +91,27 @@ def test_truncated_audio_keeps_the_words_spoken_before_the_cut() -> None:
         assert all(e <= cut.size for e in ends[:n])
 
 
+def test_voice_shift_scales_every_frequency_and_keeps_the_clip_whole() -> None:
+    """``--voice-shift``: a 200 Hz tone comes back at 200 x f Hz and 1/f as long, for a
+    seeded factor f in VOICE_SHIFT; share 0 leaves every clip as stored."""
+    t = np.arange(32_000) / 16_000
+    x = (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    lo, hi = T.VOICE_SHIFT
+    factors = []
+    for seed in range(6):
+        cfg = T.TrainConfig(voice_shift=1.0)
+        y = T.voice_shift(x, np.random.default_rng(seed), cfg)
+        assert np.array_equal(y, T.voice_shift(x, np.random.default_rng(seed), cfg))
+        f = x.size / y.size
+        assert lo - 0.01 <= f <= hi + 0.01
+        peak = np.argmax(np.abs(np.fft.rfft(y * np.hanning(y.size)))) * 16_000 / y.size
+        assert peak == pytest.approx(200 * f, abs=2.0)
+        factors.append(f)
+        no = T.voice_shift(x, np.random.default_rng(seed), T.TrainConfig(voice_shift=0.0))
+        assert no is x
+    assert max(factors) - min(factors) > 0.1  # not one fixed factor
+
+
 def test_phone_units_join_ties_and_long_vowels_and_drop_stress() -> None:
     assert T.phone_units("k\u02c8a\u200d\u028ab\u0254\u200d\u026a") == [
         "k",
@@ -365,6 +386,8 @@ def test_cli_has_train_and_eval() -> None:
     assert phase.task_mix == (0.25, 0.25, 0.5) and phase.lr == 5e-4
     assert phase.init_from == Path("runs/a") and phase.vision_weight == 0.5
     assert build_parser().parse_args(["train", "--vision-weight", "2"]).vision_weight == 2.0
+    assert phase.voice_shift == 0.0
+    assert build_parser().parse_args(["train", "--voice-shift", "0.5"]).voice_shift == 0.5
 
 
 @pytest.mark.parametrize("weight", ["-1", "x", "nan"])
@@ -440,6 +463,30 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
     with pytest.raises(RuntimeError, match=r"has no vision_head.*--init-from"):
         T.train(tmp_path, tmp_path / "old", tmp_path / "out2", T.TrainConfig(steps=4, **SMALL),
                 dcfg)  # fmt: skip
+
+
+@needs_espeak
+def test_voice_shift_changes_the_audio_of_a_batch_and_nothing_else(tmp_path: Path) -> None:
+    """With ``voice_shift`` the same step's batch has the same tasks and targets (and the
+    images), only its speech resampled; the batch is still a function of the step."""
+    dcfg = _training_slice(tmp_path)
+    tr = T.build(tmp_path, T.TrainConfig(**SMALL), dcfg)
+    shifted = T.TrainConfig(**{**SMALL, "batch": 8}, voice_shift=1.0)
+    plain = T.TrainConfig(**{**SMALL, "batch": 8})
+    for step in range(3):
+        a = T.make_batch(tr.fmt, tr.corpus, plain, step, tr.lex)
+        b = T.make_batch(tr.fmt, tr.corpus, shifted, step, tr.lex)
+        again = T.make_batch(tr.fmt, tr.corpus, shifted, step, tr.lex)
+        assert [e.tokens[e.loss_from :] for e in a] == [e.tokens[e.loss_from :] for e in b]
+        assert [e.ctc for e in a] == [e.ctc for e in b]
+        for x, y, z in zip(a, b, again, strict=True):
+            assert y.tokens == z.tokens
+            assert x.task == y.task
+            if x.task == "caption":  # its trailing noise frames are not speech
+                assert (x.audio is None and y.audio is None) or np.array_equal(x.audio, y.audio)
+            else:
+                assert x.audio is not None and y.audio is not None
+                assert x.audio.shape != y.audio.shape or not np.array_equal(x.audio, y.audio)
 
 
 @needs_espeak

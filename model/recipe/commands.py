@@ -44,6 +44,7 @@ def train_command(
     task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2),
     lr: float = 2e-3,
     vision_weight: float = 0.5,
+    voice_shift: float = 0.0,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -65,6 +66,7 @@ def train_command(
         task_mix=task_mix,
         lr=lr,
         vision_weight=vision_weight,
+        voice_shift=voice_shift,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -168,6 +170,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="weight of the training-only per-cell colour/shape loss on images (0: off)",
     )
     train.add_argument(
+        "--voice-shift",
+        type=share,
+        default=0.0,
+        help="share of speech examples resampled by 0.82-1.22x at training time (formants, "
+        "pitch and tempo together: voices the synthesisers do not have); default 0",
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -226,6 +235,7 @@ def _train(args: argparse.Namespace) -> int:
         task_mix=args.task_mix,
         lr=args.lr,
         vision_weight=args.vision_weight,
+        voice_shift=args.voice_shift,
         **_given(args),
     )
     return 0
@@ -239,6 +249,14 @@ def non_negative(arg: str) -> float:
         value = -1.0
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{arg!r}: give a number >= 0, e.g. 0.5")
+    return value
+
+
+def share(arg: str) -> float:
+    """A probability in [0, 1] (``--voice-shift``)."""
+    value = non_negative(arg)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{arg!r}: give a share between 0 and 1, e.g. 0.5")
     return value
 
 

@@ -63,7 +63,7 @@ from rawcast.model.gemma4 import (
 )
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.recipe import data as D
-from rawcast.model.recipe import scenes
+from rawcast.model.recipe import scenes, speech
 from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
 from rawcast.model.tokenizer import Tokenizer
 
@@ -176,6 +176,7 @@ class TrainConfig:
     seed: int = 1234
     threads: int = 1  # 0: torch's default
     vision_weight: float = 0.5  # the training-only per-cell colour/shape loss
+    voice_shift: float = 0.0  # share of speech examples resampled as a shorter/longer voice
     init_from: str = ""  # a run dir (state.pt) or checkpoint dir to start a new run from
 
 
@@ -298,13 +299,31 @@ def make_batch(
         audio = shard.clip_audio(i)
         meta = shard.meta[i]
         if task == "translate":
-            out.append(speech_example(fmt, audio, meta["es"], task))
+            target = meta["es"]
         elif rng.random() < cfg.truncate_share:
-            a, t = truncated(audio, meta["text"], shard.clip_ends(i), rng)
-            out.append(speech_example(fmt, a, t, task, lex))
+            audio, target = truncated(audio, meta["text"], shard.clip_ends(i), rng)
         else:
-            out.append(speech_example(fmt, audio, meta["text"], task, lex))
+            target = meta["text"]
+        if cfg.voice_shift > 0:  # its own stream: the batches of a run without it stay put
+            audio = voice_shift(audio, np.random.default_rng([cfg.seed, 11, step, b]), cfg)
+        out.append(speech_example(fmt, audio, target, task, lex if task == "transcribe" else None))
     return out
+
+
+VOICE_SHIFT = (0.82, 1.22)  # resampling factors: formants, pitch and tempo scale together
+
+
+def voice_shift(
+    audio: npt.NDArray[np.float32], rng: np.random.Generator, cfg: TrainConfig
+) -> npt.NDArray[np.float32]:
+    """With probability ``cfg.voice_shift``, the clip resampled by a log-uniform factor
+    in VOICE_SHIFT: every frequency (formants, as a shorter or longer vocal tract, and
+    pitch) scales by it and the tempo by its inverse, so the words and their order stay.
+    More voices than the synthesisers' few, made at training time from the stored clips."""
+    if rng.random() >= cfg.voice_shift:
+        return audio
+    factor = float(np.exp(rng.uniform(*np.log(VOICE_SHIFT))))
+    return speech.resample(audio, round(RATE * factor), RATE)
 
 
 # --- model ---------------------------------------------------------------------------------

@@ -365,7 +365,8 @@ def test_transformers_gives_the_same_greedy_transcript(shipped: Gemma4Unified) -
 @pytest.mark.xfail(
     strict=True,
     reason="issue 6 is open: the bundled rawcast-tiny is not yet trained to transcribe "
-    "held-out voices (WER 1.0 on this clip); remove this mark when it passes",
+    "held-out voices ('he buys the red song at night' for this clip); remove this mark "
+    "when it passes",
 )
 def test_shipped_model_transcribes_a_held_out_voice(shipped: Gemma4Unified) -> None:
     """A clip by festival's ked voice (never in training), held-out sentence."""

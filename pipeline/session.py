@@ -54,7 +54,7 @@ from rawcast.pipeline.media import (
 )
 from rawcast.pipeline.stabilize import LocalAgreement
 from rawcast.pipeline.vad import SileroModel, Vad, VadConfig
-from rawcast.pipeline.vision import DEFAULT_SOFT_TOKENS, FrameSampler, SamplerConfig
+from rawcast.pipeline.vision import FrameSampler, SamplerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -183,10 +183,10 @@ class Session:
         self.vad = Vad(vad_model, config.vad) if (config.vad and vad_model) else None
         if config.vad is not None and vad_model is None:
             raise SessionError("voice activity detection needs the Silero model")
+        assert config.max_soft_tokens is not None, "EngineCore.open resolves the budget"
         self.sampler = FrameSampler(
             SamplerConfig(
-                interval_s=config.caption_interval_s,
-                max_soft_tokens=config.max_soft_tokens or DEFAULT_SOFT_TOKENS,  # the engine's
+                interval_s=config.caption_interval_s, max_soft_tokens=config.max_soft_tokens
             )
         )
         self.items: deque[Item] = deque()

@@ -99,15 +99,14 @@ def test_voice_shift_scales_every_frequency_and_keeps_the_clip_whole() -> None:
     lo, hi = T.VOICE_SHIFT
     factors = []
     for seed in range(6):
-        cfg = T.TrainConfig(voice_shift=1.0)
-        y = T.voice_shift(x, np.random.default_rng(seed), cfg)
-        assert np.array_equal(y, T.voice_shift(x, np.random.default_rng(seed), cfg))
+        y = T.voice_shift(x, np.random.default_rng(seed), 1.0)
+        assert np.array_equal(y, T.voice_shift(x, np.random.default_rng(seed), 1.0))
         f = x.size / y.size
         assert lo - 0.01 <= f <= hi + 0.01
         peak = np.argmax(np.abs(np.fft.rfft(y * np.hanning(y.size)))) * 16_000 / y.size
         assert peak == pytest.approx(200 * f, abs=2.0)
         factors.append(f)
-        no = T.voice_shift(x, np.random.default_rng(seed), T.TrainConfig(voice_shift=0.0))
+        no = T.voice_shift(x, np.random.default_rng(seed), 0.0)
         assert no is x
     assert max(factors) - min(factors) > 0.1  # not one fixed factor
 
@@ -161,7 +160,7 @@ def test_cell_labels_name_each_object_in_the_cell_of_its_centre() -> None:
         groups, region = scenes.sample_groups(rng, heldout=False)
         frame, objects = scenes.render(groups, region, rng)
         colour, shape = scenes.cell_labels(objects)
-        grid = patch_image(frame, max_soft_tokens=70)
+        grid = patch_image(frame, max_soft_tokens=T.IMAGE_BUDGET)  # as training patches it
         assert grid.num_cells == colour.size == 64
         labelled, caption, _ = scenes.labelled_scene(3, i)
         assert (labelled == frame).all() and caption == scenes.scene_caption(3, i)

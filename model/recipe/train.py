@@ -305,7 +305,8 @@ def make_batch(
         else:
             target = meta["text"]
         if cfg.voice_shift > 0:  # its own stream: the batches of a run without it stay put
-            audio = voice_shift(audio, np.random.default_rng([cfg.seed, 11, step, b]), cfg)
+            rng_b = np.random.default_rng([cfg.seed, 11, step, b])
+            audio = voice_shift(audio, rng_b, cfg.voice_shift)
         out.append(speech_example(fmt, audio, target, task, lex if task == "transcribe" else None))
     return out
 
@@ -314,13 +315,13 @@ VOICE_SHIFT = (0.82, 1.22)  # resampling factors: formants, pitch and tempo scal
 
 
 def voice_shift(
-    audio: npt.NDArray[np.float32], rng: np.random.Generator, cfg: TrainConfig
+    audio: npt.NDArray[np.float32], rng: np.random.Generator, share: float
 ) -> npt.NDArray[np.float32]:
-    """With probability ``cfg.voice_shift``, the clip resampled by a log-uniform factor
+    """With probability ``share``, the clip resampled by a log-uniform factor
     in VOICE_SHIFT: every frequency (formants, as a shorter or longer vocal tract, and
     pitch) scales by it and the tempo by its inverse, so the words and their order stay.
     More voices than the synthesisers' few, made at training time from the stored clips."""
-    if rng.random() >= cfg.voice_shift:
+    if rng.random() >= share:
         return audio
     factor = float(np.exp(rng.uniform(*np.log(VOICE_SHIFT))))
     return speech.resample(audio, round(RATE * factor), RATE)

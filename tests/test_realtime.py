@@ -32,7 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from rawcast.model.gemma4 import Gemma4Unified
 from rawcast.pipeline.engine import Engine, EngineConfig, SessionHandle
-from rawcast.pipeline.session import Session
+from rawcast.pipeline.session import Session, SessionConfig
 from rawcast.pipeline.vad import SileroModel
 from rawcast.transports.app import AppState, create_app
 from rawcast.transports.realtime import Connection
@@ -504,6 +504,59 @@ async def test_session_limit_error_then_close(model: Gemma4Unified) -> None:
             await recv_until(first, f"{TRANSCRIPT}.completed")
 
 
+class StuckSocket:
+    """A WebSocket whose client never reads: the first send never completes, as when the
+    client's receive window and the server's buffers are full. Incoming frames are given."""
+
+    def __init__(self, frames: list[str]) -> None:
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        for f in frames:
+            self.inbox.put_nowait({"type": "websocket.receive", "text": f})
+        self.sends = 0
+        self.closed: tuple[int, str] | None = None
+
+    async def send_text(self, text: str) -> None:
+        self.sends += 1
+        await asyncio.Event().wait()
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.inbox.get()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+
+async def test_client_that_stops_reading_is_cut_off(model: Gemma4Unified) -> None:
+    """A client that sends but never reads cannot grow the server's memory: past the unsent
+    bound its session ends and the socket closes with 1008; another session is served."""
+    engine = Engine(model, EngineConfig(max_sessions=2))
+    await engine.start()
+    try:
+        other = await engine.open_session(SessionConfig(vad=None))
+        handle = await engine.open_session(SessionConfig(vad=None))
+        ws = StuckSocket(["not json"] * 500)  # each one earns an error event
+        conn = Connection(ws, handle, RealtimeProtocol(), MAX_MESSAGE)  # type: ignore[arg-type]
+        conn.max_unsent = 64
+        reason = await asyncio.wait_for(conn.run(), TIMEOUT)
+        assert reason == "stalled"
+        assert ws.closed == (1008, "client not reading events")
+        assert conn.out.qsize() <= 64
+        assert handle.closed
+        assert ws.inbox.qsize() > 0  # cut off before it read every frame
+        await asyncio.wait_for(_until(lambda: engine.active_sessions == 1), TIMEOUT)
+        other.push_audio(np.zeros(16_000, np.float32), 16_000)
+        other.flush()
+        assert not other.closed
+    finally:
+        await engine.stop()
+
+
+async def _until(cond: Any, step: float = 0.05) -> None:
+    # Polls the engine thread's state: there is no event to wait on.
+    while not cond():  # noqa: ASYNC110
+        await asyncio.sleep(step)
+
+
 # --- rawcast extensions -------------------------------------------------------------------------
 
 
@@ -574,6 +627,7 @@ def release_memory() -> int:
 
 def live_session_objects() -> int:
     kinds = {SessionHandle, Session, RealtimeProtocol, Connection}
+    gc.collect()  # garbage cycles an earlier test left are not live
     return sum(type(o) in kinds for o in gc.get_objects())  # type(): weak proxies are fine
 
 

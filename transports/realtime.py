@@ -51,6 +51,10 @@ Server shutdown: uvicorn closes open WebSockets with 1012 before the app's lifes
 drain runs, so a WebSocket client should commit (or send ``rawcast.session.close``)
 before it relies on final events.
 
+A client that stops reading while the server has events for it (its socket full, over
+2048 events unsent) is disconnected with 1008 ``client not reading events`` and its
+session ends: deltas cannot be dropped, since a client rebuilds the text from them.
+
 Errors: bad client events get an ``error`` event (codes ``invalid_json``,
 ``unknown_event_type``, ``missing_required_parameter``, ``invalid_type``,
 ``invalid_value``, ``invalid_base64``, ``invalid_audio_length``, ``invalid_audio``,
@@ -109,6 +113,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
 PUMP_GRACE_S = 30.0
+MAX_UNSENT_EVENTS = 2048  # server events a client may leave unread before it is cut off
 
 
 def routes() -> list[BaseRoute]:
@@ -197,17 +202,22 @@ class Connection:
         self.handle = handle
         self.protocol = protocol
         self.max_bytes = max_bytes
+        # Bounded by ``_put``: deltas cannot be dropped (a client rebuilds the text from
+        # them), so a client that stops reading is disconnected instead of growing memory.
         self.out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.max_unsent = MAX_UNSENT_EVENTS
         self.closed_reason = "closed"
         self.close_code: int | None = None  # set by the reader when it ends the connection
         self.socket_ok = True
+        self.stalled = False
+        self.writer: asyncio.Task[None] | None = None
 
     async def run(self) -> str:
         """Serve the connection until the client leaves or the session ends; the reason."""
         self._emit(self.protocol.start())
         reader = asyncio.create_task(self._reader())
         pump = asyncio.create_task(self._pump())
-        writer = asyncio.create_task(self._writer())
+        writer = self.writer = asyncio.create_task(self._writer())
         try:
             return await self._serve(reader, pump, writer)
         finally:  # cancelled by a server shutdown: leave no task behind
@@ -218,6 +228,13 @@ class Connection:
         self, reader: asyncio.Task[None], pump: asyncio.Task[None], writer: asyncio.Task[None]
     ) -> str:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if self.stalled:  # the writer was cut off: the client stopped reading its events
+            reader.cancel()
+            for t in (reader, pump):
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(t, PUMP_GRACE_S)
+            await self._close(CLOSE_POLICY, "client not reading events")
+            return "stalled"
         if reader in done:  # the client left, or sent something that ends the connection
             if reader.exception() is not None:
                 log.error("realtime.reader_failed", error=repr(reader.exception()))
@@ -226,7 +243,8 @@ class Connection:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(pump), PUMP_GRACE_S)
             self.out.put_nowait(None)
-            await writer
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
             if self.close_code is not None:
                 await self._close(self.close_code, "message too big")
             return "client"
@@ -245,15 +263,33 @@ class Connection:
 
     async def _close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
-            await self.ws.close(code, reason=reason)
+            await asyncio.wait_for(self.ws.close(code, reason=reason), PUMP_GRACE_S)
+
+    def _put(self, event: dict[str, Any]) -> None:
+        """Queue one server event for the writer; past ``max_unsent`` end the connection."""
+        if self.stalled:
+            return
+        if self.out.qsize() >= self.max_unsent:
+            self._stall()
+            return
+        self.out.put_nowait(event)
+
+    def _stall(self) -> None:
+        self.stalled = True
+        log.warning("realtime.client_stalled", unsent=self.out.qsize())
+        self.handle.engine.core.observer.error("client_stalled")
+        if not self.handle.closed:
+            self.handle.close(graceful=False)
+        if self.writer is not None:
+            self.writer.cancel()
 
     def _emit(self, outputs: list[Output]) -> None:
         for o in outputs:
             if isinstance(o, Send):
-                self.out.put_nowait(o.event)
+                self._put(o.event)
 
     async def _reader(self) -> None:
-        while True:
+        while not self.stalled:
             try:
                 msg = await self.ws.receive()
             except (WebSocketDisconnect, RuntimeError):
@@ -267,7 +303,7 @@ class Connection:
                     "message_too_large",
                     f"message of {size} bytes exceeds the limit of {self.max_bytes}",
                 )
-                self.out.put_nowait(err)
+                self._put(err)
                 self.close_code = CLOSE_TOO_BIG
                 return
             for o in self.protocol.receive(data):
@@ -277,11 +313,11 @@ class Connection:
         h = self.handle
         if h.closed:
             if isinstance(o, Send):
-                self.out.put_nowait(o.event)
+                self._put(o.event)
             return
         try:
             if isinstance(o, Send):
-                self.out.put_nowait(o.event)
+                self._put(o.event)
             elif isinstance(o, PushPcm16):
                 h.push_audio(o.pcm, o.rate)
             elif isinstance(o, PushG711):
@@ -308,7 +344,8 @@ class Connection:
             if isinstance(ev, ClosedEvent):
                 self.closed_reason = ev.reason
             self._emit(self.protocol.engine_event(ev))
-        self.out.put_nowait(None)
+        if not self.stalled:  # a stalled writer is gone; it needs no end marker
+            self.out.put_nowait(None)
 
     async def _writer(self) -> None:
         while (event := await self.out.get()) is not None:

@@ -388,14 +388,35 @@ def test_cli_has_train_and_eval() -> None:
     assert build_parser().parse_args(["train", "--vision-weight", "2"]).vision_weight == 2.0
     assert phase.voice_shift == 0.0
     assert build_parser().parse_args(["train", "--voice-shift", "0.5"]).voice_shift == 0.5
+    assert phase.ctc_weight == 1.0 == T.TrainConfig().ctc_weight
+    assert build_parser().parse_args(["train", "--ctc-weight", "3"]).ctc_weight == 3.0
 
 
+def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``rawcast train`` parses is what the training loop gets (no data made here)."""
+    from rawcast.transports.cli import build_parser
+
+    got: list[T.TrainConfig] = []
+    monkeypatch.setattr(D, "generate", lambda *a, **k: [])
+    monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
+    monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, log: got.append(cfg))
+    flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
+    args = build_parser().parse_args(["train", *flags.split(), "--out", "x"])
+    assert args.func(args) == 0
+    (cfg,) = got
+    assert (cfg.ctc_weight, cfg.vision_weight, cfg.voice_shift) == (3.0, 2.0, 0.25)
+    assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
+
+
+@pytest.mark.parametrize("flag", ["--vision-weight", "--ctc-weight"])
 @pytest.mark.parametrize("weight", ["-1", "x", "nan"])
-def test_a_bad_vision_weight_exits_2(weight: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_loss_weight_exits_2(
+    flag: str, weight: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from rawcast.transports.cli import build_parser
 
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(["train", "--vision-weight", weight])
+        build_parser().parse_args(["train", flag, weight])
     assert e.value.code == 2
     assert "give a number >= 0" in capsys.readouterr().err
 

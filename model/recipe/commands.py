@@ -45,6 +45,7 @@ def train_command(
     lr: float = 2e-3,
     vision_weight: float = 0.5,
     voice_shift: float = 0.0,
+    ctc_weight: float = 1.0,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -67,6 +68,7 @@ def train_command(
         lr=lr,
         vision_weight=vision_weight,
         voice_shift=voice_shift,
+        ctc_weight=ctc_weight,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -170,6 +172,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="weight of the training-only per-cell colour/shape loss on images (0: off)",
     )
     train.add_argument(
+        "--ctc-weight",
+        type=non_negative,
+        default=1.0,
+        help="weight of the training-only CTC phone loss on the audio positions of layer 2 "
+        "(0: off; default 1)",
+    )
+    train.add_argument(
         "--voice-shift",
         type=share,
         default=0.0,
@@ -236,13 +245,14 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         vision_weight=args.vision_weight,
         voice_shift=args.voice_shift,
+        ctc_weight=args.ctc_weight,
         **_given(args),
     )
     return 0
 
 
 def non_negative(arg: str) -> float:
-    """A float >= 0 (``--vision-weight``)."""
+    """A float >= 0 (``--vision-weight``, ``--ctc-weight``)."""
     try:
         value = float(arg)
     except ValueError:

@@ -203,6 +203,33 @@ def test_streamed_mode_skips_the_offline_pass(
     assert summary(r).startswith("clips: 2 (streamed)\nWER held-out voices: streamed ")
 
 
+def test_seen_clips_score_training_clips_beside_the_held_out_ones(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """``--seen-clips N`` scores the first N training clips offline; with the same two clips
+    as training and held-out shards, both WERs are the same figure."""
+    both_splits = tmp_path / "data"
+    both_splits.mkdir()
+    for split in ("eval", "train"):
+        (both_splits / f"{split}-0000.npz").write_bytes((data_dir / "eval-0000.npz").read_bytes())
+    lines: list[str] = []
+    r = eval_command(
+        data_dir=both_splits, n_scenes=0, mode="offline", baselines=False, seen_clips=5,
+        log=lines.append,
+    )  # fmt: skip
+    assert r["seen_clips"] == 2
+    assert r["wer_training_voices"] == r["wer_heldout_voices"]
+    assert set(r["wer_training_voices_by_engine"]) == {"festival", "espeak-ng"}
+    assert "WER training voices and sentences (offline, 2 clips): " in "\n".join(lines)
+    one = eval_command(
+        data_dir=both_splits, n_scenes=0, mode="offline", baselines=False, seen_clips=1, log=_skip
+    )
+    assert one["seen_clips"] == 1 and set(one["wer_training_voices_by_engine"]) == {"festival"}
+    assert "seen_clips" not in eval_command(
+        data_dir=both_splits, n_scenes=0, mode="offline", baselines=False, log=_skip
+    )
+
+
 def _skip(*args: Any) -> None:
     pass
 
@@ -216,9 +243,13 @@ def test_eval_flags() -> None:
 
     p = build_parser()
     a = p.parse_args(["eval"])
-    assert (a.mode, a.baselines, a.threads) == ("both", None, 0)
+    assert (a.mode, a.baselines, a.threads, a.seen_clips) == ("both", None, 0, 0)
+    assert p.parse_args(["eval", "--seen-clips", "120"]).seen_clips == 120
     a = p.parse_args(["eval", "--mode", "offline", "--no-baselines", "--threads", "1"])
     assert (a.mode, a.baselines, a.threads) == ("offline", False, 1)
     assert p.parse_args(["eval", "--baselines"]).baselines is True
     with pytest.raises(SystemExit):
         p.parse_args(["eval", "--mode", "live"])
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["eval", "--seen-clips", bad])

@@ -86,6 +86,7 @@ def eval_command(
     mode: str = "both",
     baselines: bool | None = None,
     threads: int = 0,
+    seen_clips: int = 0,
     log: Any = print,
 ) -> dict[str, Any]:
     """``baselines``: score them on the same clips (None: when pocketsphinx is installed)."""
@@ -102,7 +103,10 @@ def eval_command(
         log(f"data: generating the held-out data under {data_dir}")
         D.generate(data_dir, D.DataConfig(seed=seed), splits=("eval",), progress=log)
     model = load(model_name)
-    result = evaluate(model, data_dir, seed=seed, max_clips=max_clips, n_scenes=n_scenes, mode=mode)
+    result = evaluate(
+        model, data_dir, seed=seed, max_clips=max_clips, n_scenes=n_scenes, mode=mode,
+        seen_clips=seen_clips,
+    )  # fmt: skip
     if baselines is None:
         baselines = B.pocketsphinx_available()
     if baselines:
@@ -214,6 +218,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "clips (default: when pocketsphinx is installed)",
     )  # fmt: skip
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ev.add_argument(
+        "--seen-clips", type=count, default=0, metavar="N",
+        help="also score N training clips offline (training voices and sentences): how well "
+        "the model fits its training data, apart from the held-out voices (default 0)",
+    )  # fmt: skip
     ev.set_defaults(func=_eval, default_log_level="warning")
 
 
@@ -262,6 +271,17 @@ def non_negative(arg: str) -> float:
     return value
 
 
+def count(arg: str) -> int:
+    """A whole number >= 0 (``--seen-clips``)."""
+    try:
+        value = int(arg)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{arg!r}: give a whole number >= 0, e.g. 120")
+    return value
+
+
 def share(arg: str) -> float:
     """A probability in [0, 1] (``--voice-shift``)."""
     value = non_negative(arg)
@@ -301,5 +321,6 @@ def _eval(args: argparse.Namespace) -> int:
         mode=args.mode,
         baselines=args.baselines,
         threads=args.threads,
+        seen_clips=args.seen_clips,
     )
     return 0

@@ -57,11 +57,12 @@ MODES = ("offline", "streamed", "both")
 
 
 def heldout_clips(
-    data_root: Path, max_clips: int | None = None
+    data_root: Path, max_clips: int | None = None, split: str = "eval"
 ) -> Iterator[tuple[dict[str, str], npt.NDArray[np.float32], list[int]]]:
-    """(meta, audio, word ends) of the held-out clips, in shard order, the first ``max_clips``."""
+    """(meta, audio, word ends) of the held-out clips (or of another ``split``), in shard
+    order, the first ``max_clips``."""
     count = 0
-    for p in D.shards(data_root, "eval"):
+    for p in D.shards(data_root, split):
         shard = D.load_shard(p)
         for i in range(len(shard)):
             if max_clips is not None and count >= max_clips:
@@ -112,13 +113,16 @@ def evaluate(
     n_scenes: int = 100,
     mode: str = "both",
     stream: StreamConfig | None = None,
+    seen_clips: int = 0,
     log: Any = print,
 ) -> dict[str, Any]:
     """Score ``model``: offline (one pass per clip), streamed (the engine) or both.
 
     The offline keys are at the top level (``wer_heldout_voices``, ``chrf_en_es`` ...,
     captions); the streamed ones under ``streamed``, where each scene is a camera
-    session's picture."""
+    session's picture. ``seen_clips`` > 0 also scores that many training clips offline
+    (``wer_training_voices``): training voices speaking training sentences, the gap to
+    held-out voices apart from how well the model fits what it was trained on."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     t0 = time.time()
@@ -180,9 +184,27 @@ def evaluate(
     if offline:
         result["offline_speech_seconds"] = round(seconds["offline"], 1)
         result.update(_captions(lambda img: decode.caption(model, img), seed, n_scenes, examples))
+    if seen_clips > 0:
+        result.update(_seen(model, data_root, seen_clips))
     result["examples"] = examples
     result["seconds"] = round(time.time() - t0, 1)
     return result
+
+
+def _seen(model: Gemma4Unified, data_root: Path, n: int) -> dict[str, Any]:
+    """Offline WER on the first ``n`` training clips, overall and by engine."""
+    refs: dict[str, list[str]] = defaultdict(list)
+    hyps: dict[str, list[str]] = defaultdict(list)
+    for meta, audio, _ in heldout_clips(data_root, n, split="train"):
+        engine = meta["voice"].split(":")[0]
+        refs[engine].append(meta["text"])
+        hyps[engine].append(decode.transcribe(model, audio))
+    every = [r for v in refs.values() for r in v], [h for v in hyps.values() for h in v]
+    return {
+        "seen_clips": len(every[0]),
+        "wer_training_voices": wer(*every) if every[0] else None,
+        "wer_training_voices_by_engine": {e: round(wer(refs[e], hyps[e]), 4) for e in sorted(refs)},
+    }
 
 
 def _captions(
@@ -222,6 +244,14 @@ def summary(result: dict[str, Any]) -> str:
         off_v, st_v = result.get("wer_by_voice", {}), st.get("wer_by_voice", {})
         for v in sorted(set(off_v) | set(st_v)):
             lines.append(f"  {v}: {_both(off_v.get(v), st_v.get(v))}")
+    if result.get("wer_training_voices") is not None:
+        by = ", ".join(
+            f"{e} {100 * x:.1f}%" for e, x in result["wer_training_voices_by_engine"].items()
+        )
+        lines.append(
+            f"WER training voices and sentences (offline, {result['seen_clips']} clips): "
+            f"{100 * result['wer_training_voices']:.1f}% ({by})"
+        )
     if result.get("wer_truncated_prefix") is not None:
         lines.append(
             f"WER of the prefix on truncated clips: {100 * result['wer_truncated_prefix']:.1f}%"

@@ -187,6 +187,7 @@ def test_offline_mode_without_baselines_runs_neither_the_engine_nor_the_baseline
     r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", baselines=False, log=_skip)
     assert "streamed" not in r and "baselines" not in r and r["wer_heldout_voices"] is not None
     assert "streamed" not in summary(r)
+    assert "caption_acc_heldout" not in r and "caption" not in summary(r)  # --scenes 0
     # by default the baselines run only where pocketsphinx is installed
     monkeypatch.setattr(B, "pocketsphinx_available", lambda: False)
     r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", log=_skip)

@@ -213,8 +213,11 @@ def _captions(
     n_scenes: int,
     examples: list[dict[str, str]] | None = None,
 ) -> dict[str, float]:
-    """Caption accuracy on held-out and on seen compositions (a few examples appended)."""
-    out = {}
+    """Caption accuracy on held-out and on seen compositions (a few examples appended);
+    nothing when ``n_scenes`` is 0 (``--scenes 0``: no captions scored)."""
+    out: dict[str, float] = {}
+    if n_scenes <= 0:
+        return out
     for name, held in (("caption_acc_heldout", True), ("caption_acc_seen_compositions", False)):
         ok = 0
         for i in range(n_scenes):

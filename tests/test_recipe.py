@@ -401,11 +401,40 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
     monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, log: got.append(cfg))
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
-    args = build_parser().parse_args(["train", *flags.split(), "--out", "x"])
+    shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
+    args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
     assert args.func(args) == 0
     (cfg,) = got
     assert (cfg.ctc_weight, cfg.vision_weight, cfg.voice_shift) == (3.0, 2.0, 0.25)
     assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
+    assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
+    defaults = build_parser().parse_args(["train"])
+    assert (defaults.layers, defaults.hidden, defaults.intermediate, defaults.ctc_layer) == (
+        T.TrainConfig().layers, T.TrainConfig().hidden, T.TrainConfig().intermediate,
+        T.TrainConfig().ctc_layer,
+    )  # fmt: skip
+
+
+def test_a_ctc_layer_past_the_model_exits_2_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rawcast.transports.cli import main
+
+    monkeypatch.setattr(D, "generate", lambda *a, **k: [])
+    monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
+    assert main(["train", "--layers", "3", "--ctc-layer", "3", "--out", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rawcast train: the CTC layer (3) must be below the layers (3)"]
+
+
+@pytest.mark.parametrize("flags", ["--layers 1", "--hidden 32", "--ctc-layer -1", "--layers x"])
+def test_a_bad_model_shape_exits_2(flags: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from rawcast.transports.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", *flags.split()])
+    assert e.value.code == 2
+    assert "give a whole number >=" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--vision-weight", "--ctc-weight"])
@@ -434,7 +463,7 @@ def test_a_bad_task_mix_exits_2_saying_what_to_give(
 
 
 SMALL: dict[str, Any] = dict(
-    batch=2, export_every=1, layers=2, hidden=64, intermediate=128, threads=1
+    batch=2, export_every=1, layers=2, hidden=64, intermediate=128, threads=1, ctc_layer=1
 )
 
 
@@ -460,6 +489,8 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
                 dcfg, log=logs.append)  # fmt: skip
         assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == steps
     assert any(line.startswith("resumed from") and "at step 2" in line for line in logs)
+    sizes = [line for line in logs if line.startswith("model: 2 layers, hidden 64, ")]
+    assert sizes and all(line.endswith("MB in fp32") for line in sizes)  # under the bound
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
     model = load(tmp_path / "out")
     assert model.tokenizer is not None and model.cfg.text.num_hidden_layers == 2
@@ -478,6 +509,9 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
             got = getattr(tr, attr).state_dict()
             assert all(torch.equal(v, want[k]) for k, v in got.items()), (src.name, name)
         assert not tr.opt.state
+    wider = T.TrainConfig(init_from=str(tmp_path / "run"), **{**SMALL, "hidden": 96})
+    with pytest.raises(T.RunError, match="another model shape than this run"):
+        T.build(tmp_path, wider, dcfg)
     del saved["vision_head"]
     (tmp_path / "old").mkdir()
     torch.save(saved, tmp_path / "old" / "state.pt")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,10 @@ def train_command(
     vision_weight: float = 0.5,
     voice_shift: float = 0.0,
     ctc_weight: float = 1.0,
+    layers: int = 4,
+    hidden: int = 256,
+    intermediate: int = 512,
+    ctc_layer: int = 2,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -69,6 +75,10 @@ def train_command(
         vision_weight=vision_weight,
         voice_shift=voice_shift,
         ctc_weight=ctc_weight,
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        ctc_layer=ctc_layer,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -182,6 +192,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="weight of the training-only CTC phone loss on the audio positions of layer 2 "
         "(0: off; default 1)",
     )
+    shape = train.add_argument_group(
+        "model shape",
+        "a new run's (rawcast-tiny: 4 layers, hidden 256, MLP 512; the issue's "
+        "bound is 40 MB on disk, about 10M parameters in fp32); --init-from needs the same",
+    )
+    shape.add_argument("--layers", type=at_least(2), default=4)
+    shape.add_argument("--hidden", type=at_least(64), default=256)
+    shape.add_argument("--intermediate", type=at_least(64), default=512)
+    shape.add_argument(
+        "--ctc-layer", type=at_least(0), default=2,
+        help="the layer whose audio positions the CTC loss reads (below --layers)",
+    )  # fmt: skip
     train.add_argument(
         "--voice-shift",
         type=share,
@@ -238,6 +260,17 @@ def _train(args: argparse.Namespace) -> int:
             cfg=DT.DrafterTrainConfig(batch=args.batch, threads=args.threads, **_given(args)),
         )
         return 0
+    from rawcast.model.recipe.train import RunError
+
+    try:
+        _train_model(args)
+    except RunError as e:
+        print(f"rawcast train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train_model(args: argparse.Namespace) -> None:
     train_command(
         data_dir=args.data_dir,
         run_dir=args.run_dir or DEFAULT_RUN,
@@ -255,9 +288,12 @@ def _train(args: argparse.Namespace) -> int:
         vision_weight=args.vision_weight,
         voice_shift=args.voice_shift,
         ctc_weight=args.ctc_weight,
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        ctc_layer=args.ctc_layer,
         **_given(args),
     )
-    return 0
 
 
 def non_negative(arg: str) -> float:
@@ -271,15 +307,22 @@ def non_negative(arg: str) -> float:
     return value
 
 
-def count(arg: str) -> int:
-    """A whole number >= 0 (``--seen-clips``)."""
-    try:
-        value = int(arg)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{arg!r}: give a whole number >= 0, e.g. 120")
-    return value
+def at_least(low: int) -> Callable[[str], int]:
+    """A parser of whole numbers >= ``low``."""
+
+    def parse(arg: str) -> int:
+        try:
+            value = int(arg)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{arg!r}: give a whole number >= {low}")
+        return value
+
+    return parse
+
+
+count = at_least(0)  # --seen-clips
 
 
 def share(arg: str) -> float:

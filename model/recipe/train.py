@@ -153,6 +153,13 @@ class Lexicon:
         return out
 
 
+class RunError(ValueError):
+    """A run that cannot start as asked (the CLI prints it in one line and exits 2)."""
+
+
+MAX_CHECKPOINT_MB = 40  # the issue's bound on rawcast-tiny's size on disk
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 5000
@@ -787,6 +794,8 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
     """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}: {', '.join(PRECISIONS)}")
+    if not 0 <= cfg.ctc_layer < cfg.layers:
+        raise RunError(f"the CTC layer ({cfg.ctc_layer}) must be below the layers ({cfg.layers})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -821,16 +830,22 @@ def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> 
     from rawcast.model.loader import load
 
     state = src / "state.pt"
-    if state.exists():
-        st = torch.load(state, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
-        for name, head in heads.items():
-            if name in st:
-                head.load_state_dict(st[name])
-    elif (src / "config.json").exists():
-        model.load_state_dict(load(src).state_dict())
-    else:
-        raise FileNotFoundError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
+    try:
+        if state.exists():
+            st = torch.load(state, map_location="cpu", weights_only=False)
+            model.load_state_dict(st["model"])
+            for name, head in heads.items():
+                if name in st:
+                    head.load_state_dict(st[name])
+        elif (src / "config.json").exists():
+            model.load_state_dict(load(src).state_dict())
+        else:
+            raise RunError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
+    except RuntimeError as e:  # load_state_dict: another shape
+        raise RunError(
+            f"{src} has another model shape than this run (--layers, --hidden, --intermediate "
+            f"must match it): {str(e).splitlines()[1:2]}"
+        ) from e
 
 
 def train(
@@ -845,6 +860,11 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     tr = build(data_root, cfg, dcfg)
     model = tr.model
+    n = sum(p.numel() for p in model.parameters())
+    mb = 4 * n / 2**20
+    over = f": above the {MAX_CHECKPOINT_MB} MB bound for rawcast-tiny" * (mb > MAX_CHECKPOINT_MB)
+    shape = f"{cfg.layers} layers, hidden {cfg.hidden}"
+    log(f"model: {shape}, {n / 1e6:.1f}M parameters, {mb:.0f} MB in fp32{over}")
 
     def save_model() -> None:
         model.eval()

@@ -23,7 +23,7 @@ from rawcast.model.recipe import baselines as B
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import speech
 from rawcast.model.recipe.commands import eval_command
-from rawcast.model.recipe.evaluate import chrf, evaluate, summary, wer
+from rawcast.model.recipe.evaluate import chrf, conditions, evaluate, summary, wer
 from rawcast.model.recipe.streamed import StreamConfig
 from rawcast.pipeline.engine import EngineCore
 from rawcast.pipeline.vad import SileroModel
@@ -229,6 +229,18 @@ def test_seen_clips_score_training_clips_beside_the_held_out_ones(
     assert "seen_clips" not in eval_command(
         data_dir=both_splits, n_scenes=0, mode="offline", baselines=False, log=_skip
     )
+
+
+def test_wer_is_split_by_recording_condition(data_dir: Path) -> None:
+    """The augmentation tags name each clip's conditions; both clips here are clean."""
+    assert conditions("clean") == ["clean"] and conditions("speed1.10") == ["clean"]
+    assert conditions("speed0.93+white10dB+phone+opus32k") == [
+        "noise <= 10 dB", "telephone band", "opus",
+    ]  # fmt: skip
+    assert conditions("pink15dB") == ["noise > 10 dB"] and conditions("opus16k") == ["opus"]
+    r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", baselines=False, log=_skip)
+    assert r["wer_by_condition"] == {"clean": round(r["wer_heldout_voices"], 4)}
+    assert "  clean: offline " in summary(r)
 
 
 def _skip(*args: Any) -> None:

@@ -14,6 +14,7 @@ Two passes over the same clips (``mode``): offline, each clip decoded in one pas
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -71,6 +72,25 @@ def heldout_clips(
             yield shard.meta[i], shard.clip_audio(i), shard.clip_ends(i)
 
 
+CONDITIONS = ("clean", "noise <= 10 dB", "noise > 10 dB", "telephone band", "opus")
+
+
+def conditions(desc: str) -> list[str]:
+    """The recording conditions of a clip from its augmentation tags (``speech.augment``:
+    e.g. ``speed1.10+pink15dB+phone+opus16k``); a clip can be in several."""
+    tags = desc.split("+") if desc else []
+    out = [] if any(t != "clean" and not t.startswith("speed") for t in tags) else ["clean"]
+    for t in tags:
+        if t.endswith("dB"):
+            snr = float(re.sub(r"^[a-z]+|dB$", "", t))  # white10dB -> 10
+            out.append("noise <= 10 dB" if snr <= 10 else "noise > 10 dB")
+        elif t == "phone":
+            out.append("telephone band")
+        elif t.startswith("opus"):
+            out.append("opus")
+    return out
+
+
 class _Speech:
     """References and hypotheses of one pass: transcripts by voice, translations by source."""
 
@@ -79,10 +99,15 @@ class _Speech:
         self.hyps: dict[str, list[str]] = defaultdict(list)
         self.es_refs: dict[str, list[str]] = defaultdict(list)
         self.es_hyps: dict[str, list[str]] = defaultdict(list)
+        self.cond_refs: dict[str, list[str]] = defaultdict(list)
+        self.cond_hyps: dict[str, list[str]] = defaultdict(list)
 
     def add(self, meta: dict[str, str], hyp: str, es: str | None) -> None:
         self.refs[meta["voice"]].append(meta["text"])
         self.hyps[meta["voice"]].append(hyp)
+        for c in conditions(meta.get("desc", "")):
+            self.cond_refs[c].append(meta["text"])
+            self.cond_hyps[c].append(hyp)
         if meta["es"] and es is not None:
             self.es_refs[meta["source"]].append(meta["es"])
             self.es_hyps[meta["source"]].append(es)
@@ -94,6 +119,11 @@ class _Speech:
             "wer": wer(refs, hyps) if refs else None,
             "wer_by_voice": {
                 v: round(wer(self.refs[v], self.hyps[v]), 4) for v in sorted(self.refs)
+            },
+            "wer_by_condition": {
+                c: round(wer(self.cond_refs[c], self.cond_hyps[c]), 4)
+                for c in CONDITIONS
+                if self.cond_refs[c]
             },
         }
         es_refs = [r for v in self.es_refs.values() for r in v]
@@ -247,6 +277,9 @@ def summary(result: dict[str, Any]) -> str:
         off_v, st_v = result.get("wer_by_voice", {}), st.get("wer_by_voice", {})
         for v in sorted(set(off_v) | set(st_v)):
             lines.append(f"  {v}: {_both(off_v.get(v), st_v.get(v))}")
+        off_c, st_c = result.get("wer_by_condition", {}), st.get("wer_by_condition", {})
+        for c in [c for c in CONDITIONS if c in off_c or c in st_c]:
+            lines.append(f"  {c}: {_both(off_c.get(c), st_c.get(c))}")
     if result.get("wer_training_voices") is not None:
         by = ", ".join(
             f"{e} {100 * x:.1f}%" for e, x in result["wer_training_voices_by_engine"].items()

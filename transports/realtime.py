@@ -229,10 +229,8 @@ class Connection:
     ) -> str:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         if self.stalled:  # the writer was cut off: the client stopped reading its events
-            reader.cancel()
-            for t in (reader, pump):
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(t, PUMP_GRACE_S)
+            reader.cancel()  # run() cancels whatever is left after the grace
+            await asyncio.wait({reader, pump}, timeout=PUMP_GRACE_S)
             await self._close(CLOSE_POLICY, "client not reading events")
             return "stalled"
         if reader in done:  # the client left, or sent something that ends the connection
@@ -243,8 +241,7 @@ class Connection:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(pump), PUMP_GRACE_S)
             self.out.put_nowait(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await asyncio.wait({writer})  # ends, or was cut off (cancelled) by a stall
             if self.close_code is not None:
                 await self._close(self.close_code, "message too big")
             return "client"

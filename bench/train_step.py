@@ -7,6 +7,7 @@ step (forward, backward, AdamW) for each, the ratio, and the loss each reached a
 the timed steps (the same batches, so a bf16 that learned worse would show here).
 
     python bench/train_step.py --data-dir data/rawcast-tiny --steps 30 --threads 1
+    python bench/train_step.py --sweep-threads 1,2   # fp32 at 1 and 2 threads instead
 """
 
 from __future__ import annotations
@@ -26,44 +27,58 @@ from rawcast.model.recipe import train as T
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=Path("data/rawcast-tiny"))
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per precision")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--frontend", choices=T.FRONTENDS, default="fourier")
+    ap.add_argument(
+        "--sweep-threads", default=None, metavar="N,M",
+        help="compare fp32 steps at these thread counts instead of the precisions "
+        "(how much a second core speeds `rawcast train --threads`)",
+    )  # fmt: skip
     args = ap.parse_args()
 
+    if args.sweep_threads:
+        counts = [int(n) for n in args.sweep_threads.split(",")]
+        variants = {f"fp32, {n} thread(s)": ("fp32", n) for n in counts}
+    else:
+        variants = {prec: (prec, args.threads) for prec in T.PRECISIONS}
     trainers = {
-        prec: T.build(
+        name: T.build(
             args.data_dir,
-            T.TrainConfig(threads=args.threads, precision=prec, frontend=args.frontend),
+            T.TrainConfig(threads=n, precision=prec, frontend=args.frontend),
             D.DataConfig(),
         )
-        for prec in T.PRECISIONS
+        for name, (prec, n) in variants.items()
     }
-    times: dict[str, list[float]] = {p: [] for p in trainers}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
     last: dict[str, dict[str, float]] = {}
     lr = T.TrainConfig().lr / 4
+    first = next(iter(trainers.values()))
     for step in range(args.warmup + args.steps):
-        batch = trainers["fp32"].batch(step)
-        for prec, tr in trainers.items():
+        batch = first.batch(step)
+        for name, tr in trainers.items():
+            torch.set_num_threads(variants[name][1])
             t0 = time.perf_counter()
-            last[prec], _ = tr.step(batch, lr)
+            last[name], _ = tr.step(batch, lr)
             if step >= args.warmup:
-                times[prec].append(time.perf_counter() - t0)
+                times[name].append(time.perf_counter() - t0)
 
+    threads = args.sweep_threads or str(args.threads)
     print(
         f"# bench/train_step.py on {describe()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), batch {T.TrainConfig().batch}, "
+        f"{threads} thread(s), batch {T.TrainConfig().batch}, "
         f"{args.steps} timed steps after {args.warmup}"
     )
-    base = statistics.median(times["fp32"])
-    print("| precision | ms / step (median) | speed vs fp32 | loss after | ce | ctc |")
+    names = list(trainers)
+    base = statistics.median(times[names[0]])
+    print(f"| variant | ms / step (median) | speed vs {names[0]} | loss after | ce | ctc |")
     print("|---|---|---|---|---|---|")
-    for prec, ts in times.items():
+    for name, ts in times.items():
         med = statistics.median(ts)
-        lo = last[prec]
+        lo = last[name]
         print(
-            f"| {prec} | {med * 1000:.0f} | {base / med:.2f}x | {lo['loss']:.3f} | "
+            f"| {name} | {med * 1000:.0f} | {base / med:.2f}x | {lo['loss']:.3f} | "
             f"{lo['ce']:.3f} | {lo.get('ctc', float('nan')):.3f} |"
         )
 

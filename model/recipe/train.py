@@ -830,21 +830,26 @@ def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> 
     from rawcast.model.loader import load
 
     state = src / "state.pt"
+    if state.exists():
+        st = torch.load(state, map_location="cpu", weights_only=False)
+        _load_same_shape(src, model, st["model"])
+        for name, head in heads.items():
+            if name in st:
+                _load_same_shape(src, head, st[name])
+    elif (src / "config.json").exists():
+        _load_same_shape(src, model, load(src).state_dict())
+    else:
+        raise RunError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
+
+
+def _load_same_shape(src: Path, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     try:
-        if state.exists():
-            st = torch.load(state, map_location="cpu", weights_only=False)
-            model.load_state_dict(st["model"])
-            for name, head in heads.items():
-                if name in st:
-                    head.load_state_dict(st[name])
-        elif (src / "config.json").exists():
-            model.load_state_dict(load(src).state_dict())
-        else:
-            raise RunError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
-    except RuntimeError as e:  # load_state_dict: another shape
+        module.load_state_dict(state)
+    except RuntimeError as e:  # size mismatches (or missing keys): another shape
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise RunError(
             f"{src} has another model shape than this run (--layers, --hidden, --intermediate "
-            f"must match it): {str(e).splitlines()[1:2]}"
+            f"must match it): {first}"
         ) from e
 
 

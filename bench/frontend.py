@@ -95,7 +95,15 @@ class PhoneNet(nn.Module):
         return F.log_softmax(self.head(x), -1).transpose(0, 1), lens
 
 
-def train(net: PhoneNet, corpus: T.Corpus, lex: T.Lexicon, steps: int, batch: int) -> None:
+def train(
+    net: PhoneNet,
+    corpus: T.Corpus,
+    lex: T.Lexicon,
+    steps: int,
+    batch: int,
+    augment: float = 0.0,
+    voice_shift: float = 0.0,
+) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
     for step in range(steps):
         rng = np.random.default_rng([1234, 7, step])
@@ -106,7 +114,12 @@ def train(net: PhoneNet, corpus: T.Corpus, lex: T.Lexicon, steps: int, batch: in
             shard, i = corpus.sample(rng)
             lab = lex.labels(shard.meta[i]["text"])
             if lab:
-                clips.append(T.frames(shard.clip_audio(i)))
+                audio = shard.clip_audio(i)
+                if augment or voice_shift:  # streams of their own: the data order stays
+                    rng_a = np.random.default_rng([1234, 11, step, len(clips)])
+                    audio = T.voice_shift(audio, rng_a, voice_shift)
+                    audio = T.channel_augment(audio, rng_a, augment)
+                clips.append(T.frames(audio))
                 targets += lab
                 tlens.append(len(lab))
         lr = 2e-3 * min(1.0, (step + 1) / 100) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
@@ -149,6 +162,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--augment", type=float, default=0.0, help="share of clips through a random channel"
+    )
+    ap.add_argument(
+        "--voice-shift", type=float, default=0.0, help="share of clips resampled 0.82-1.22x"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     corpus = T.Corpus(args.data_dir)
@@ -180,15 +199,17 @@ def main() -> None:
     for n, variant in enumerate(args.variants):
         t0 = time.time()
         net = PhoneNet(variant, len(lex.phones), seed=1234)
-        train(net, corpus, lex, args.steps, args.batch)
+        train(net, corpus, lex, args.steps, args.batch, args.augment, args.voice_shift)
         held_per, voices = per(net, held_clips, inv)
         seen_per, _ = per(net, seen_clips, inv)
         cols = " | ".join(f"{v:.1f}" for v in voices.values())
+        name = variant + (f" + channel {args.augment:g}" if args.augment else "")
+        name += f" + voice shift {args.voice_shift:g}" if args.voice_shift else ""
         if n == 0:
             print(f"| front end | held-out PER | seen PER | {' | '.join(voices)} | time |")
             print("|---" * (len(voices) + 4) + "|")
         print(
-            f"| {variant} | {held_per:.1f} % | {seen_per:.1f} % | {cols} | "
+            f"| {name} | {held_per:.1f} % | {seen_per:.1f} % | {cols} | "
             f"{(time.time() - t0) / 60:.1f} min |",
             flush=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -361,6 +362,61 @@ def test_transformers_gives_the_same_greedy_transcript(shipped: Gemma4Unified) -
     assert ours == theirs
 
 
+def test_caption_corruption_feeds_other_colours_and_keeps_the_true_caption(
+    shipped: Gemma4Unified,
+) -> None:
+    """``--caption-corrupt``: the model reads another colour in place of a colour word
+    while every target stays the true caption (so the shape after it is learned from the
+    picture); share 0 reads the caption itself; the same scene gives the same swaps."""
+    from rawcast.model.prompt import PromptFormat
+
+    assert shipped.tokenizer is not None
+    fmt = PromptFormat(shipped.tokenizer)
+    colours = T.colour_ids(fmt)
+    assert len(colours) == len(scenes.COLOURS)
+    swapped = 0
+    for i in range(12):
+        ex = T.caption_example(fmt, 1234, i, np.random.default_rng(i), corrupt=1.0)
+        plain = T.caption_example(fmt, 1234, i, np.random.default_rng(i), corrupt=0.0)
+        again = T.caption_example(fmt, 1234, i, np.random.default_rng(i), corrupt=1.0)
+        assert plain.inputs is None and ex.tokens == plain.tokens
+        assert ex.inputs is not None and ex.inputs == again.inputs
+        assert len(ex.inputs) == len(ex.tokens)
+        for j, (true, read) in enumerate(zip(ex.tokens, ex.inputs, strict=True)):
+            if true in colours:
+                assert j >= ex.loss_from and read in colours and read != true
+                swapped += 1
+            else:
+                assert read == true
+        p, labels = T.pack_batch(shipped, [ex])
+        n = len(ex.tokens)
+        assert p.input_ids[0, ex.loss_from : n].tolist() == ex.inputs[ex.loss_from :]
+        assert labels[0, ex.loss_from - 1 : n - 1].tolist() == ex.tokens[ex.loss_from :]
+    assert swapped >= 12  # every caption names at least one colour
+
+
+def test_channel_augment_keeps_timing_and_loudness_and_recolours_the_spectrum() -> None:
+    """``bench/frontend.py --augment``: a random channel keeps the clip's length and RMS,
+    is a function of its generator, moves the energy of some mel band by more than
+    3 dB, and share 0 leaves the clip as stored."""
+    x = (np.random.default_rng(0).standard_normal(32_000) * 0.1).astype(np.float32)
+    edges = T.mel_grid(9, 100, 7900)
+    freqs = np.fft.rfftfreq(x.size, 1 / 16_000)
+
+    def bands(a: np.ndarray) -> np.ndarray:
+        power = np.abs(np.fft.rfft(a)) ** 2
+        return np.array([power[(freqs >= lo) & (freqs < hi)].sum()
+                         for lo, hi in itertools.pairwise(edges)])  # fmt: skip
+
+    for seed in range(4):
+        y = T.channel_augment(x, np.random.default_rng(seed), 1.0)
+        assert y.shape == x.shape and y.dtype == np.float32
+        assert np.array_equal(y, T.channel_augment(x, np.random.default_rng(seed), 1.0))
+        assert np.sqrt((y**2).mean()) == pytest.approx(np.sqrt((x**2).mean()), rel=0.02)
+        assert np.abs(10 * np.log10(bands(y) / bands(x))).max() > 3.0
+    assert T.channel_augment(x, np.random.default_rng(0), 0.0) is x
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="issue 6 is open: the bundled rawcast-tiny is not yet trained to transcribe "
@@ -401,11 +457,13 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
     monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, log: got.append(cfg))
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
+    flags += " --caption-corrupt 0.5"
     shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
     args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
     assert args.func(args) == 0
     (cfg,) = got
     assert (cfg.ctc_weight, cfg.vision_weight, cfg.voice_shift) == (3.0, 2.0, 0.25)
+    assert cfg.caption_corrupt == 0.5 and T.TrainConfig().caption_corrupt == 0.0
     assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
     defaults = build_parser().parse_args(["train"])

@@ -47,6 +47,7 @@ def train_command(
     lr: float = 2e-3,
     vision_weight: float = 0.5,
     voice_shift: float = 0.0,
+    caption_corrupt: float = 0.0,
     ctc_weight: float = 1.0,
     layers: int = 4,
     hidden: int = 256,
@@ -74,6 +75,7 @@ def train_command(
         lr=lr,
         vision_weight=vision_weight,
         voice_shift=voice_shift,
+        caption_corrupt=caption_corrupt,
         ctc_weight=ctc_weight,
         layers=layers,
         hidden=hidden,
@@ -212,6 +214,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "pitch and tempo together: voices the synthesisers do not have); default 0",
     )
     train.add_argument(
+        "--caption-corrupt",
+        type=share,
+        default=0.0,
+        help="share of caption colour words the model reads as another colour (targets "
+        "stay true), so shapes are named from the picture: held-out colour-shape pairs; "
+        "default 0",
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -287,6 +297,7 @@ def _train_model(args: argparse.Namespace) -> None:
         lr=args.lr,
         vision_weight=args.vision_weight,
         voice_shift=args.voice_shift,
+        caption_corrupt=args.caption_corrupt,
         ctc_weight=args.ctc_weight,
         layers=args.layers,
         hidden=args.hidden,
@@ -326,7 +337,7 @@ count = at_least(0)  # --seen-clips
 
 
 def share(arg: str) -> float:
-    """A probability in [0, 1] (``--voice-shift``)."""
+    """A probability in [0, 1] (``--voice-shift``, ``--caption-corrupt``)."""
     value = non_negative(arg)
     if value > 1:
         raise argparse.ArgumentTypeError(f"{arg!r}: give a share between 0 and 1, e.g. 0.5")

@@ -23,7 +23,7 @@ from rawcast.model.recipe import baselines as B
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import speech
 from rawcast.model.recipe.commands import eval_command
-from rawcast.model.recipe.evaluate import chrf, conditions, evaluate, summary, wer
+from rawcast.model.recipe.evaluate import caption_error, chrf, conditions, evaluate, summary, wer
 from rawcast.model.recipe.streamed import StreamConfig
 from rawcast.pipeline.engine import EngineCore
 from rawcast.pipeline.vad import SileroModel
@@ -149,12 +149,34 @@ def test_a_camera_session_captions_a_scene_as_the_offline_pass_does(
         got = streamer.caption(img)
         assert got and got == decode.caption(model, img)
     r = evaluate(model, data_dir, max_clips=1, n_scenes=3, stream=StreamConfig(vad=False))
+    errors = r["caption_first_error_heldout"]
+    assert errors == r["streamed"]["caption_first_error_heldout"]
+    assert sum(errors.values()) == round(3 * (1 - r["caption_acc_heldout"]))
     for key in ("caption_acc_heldout", "caption_acc_seen_compositions"):
         assert r["streamed"][key] == r[key]
         assert (
             f"caption accuracy, {'held-out' if 'held' in key else 'seen'} compositions: "
             f"offline {100 * r[key]:.1f}%, streamed {100 * r[key]:.1f}%" in summary(r)
         )
+
+
+@pytest.mark.parametrize(
+    ("hyp", "kind"),
+    [
+        ("two red stars on the right", None),
+        ("Two red stars, on the right.", None),
+        ("three red stars on the right", "count"),
+        ("two blue stars on the right", "colour"),
+        ("two red triangles on the right", "shape"),
+        ("two red stars at the top", "region"),
+        ("two red stars", "length"),
+        ("", "length"),
+    ],
+)
+def test_a_wrong_caption_is_filed_under_its_first_wrong_word(hyp: str, kind: str | None) -> None:
+    assert caption_error("two red stars on the right", hyp) == kind
+    two = "a red star and an orange circle"
+    assert caption_error(two, "a red star and three orange circles") == "count"
 
 
 def test_summary_reports_both_passes_and_the_baselines_on_the_same_clips(

@@ -237,26 +237,56 @@ def _seen(model: Gemma4Unified, data_root: Path, n: int) -> dict[str, Any]:
     }
 
 
+CAPTION_ERRORS = ("count", "colour", "shape", "region", "length")
+COUNT_WORDS = frozenset({"a", "an", "one", "two", "three"})
+
+
+def caption_error(ref: str, hyp: str) -> str | None:
+    """What a wrong caption gets wrong first, reading left to right: the ``count``
+    (a/an/two/three), a ``colour``, a ``shape``, the ``region`` (or the joining words),
+    or only its ``length`` (one caption is a prefix of the other); None when right."""
+    r, h = normalize(ref).split(), normalize(hyp).split()
+    if r == h:
+        return None
+    for a, b in zip(r, h, strict=False):
+        if a == b:
+            continue
+        if a in COUNT_WORDS or b in COUNT_WORDS:
+            return "count"
+        if a in scenes.COLOURS or b in scenes.COLOURS:
+            return "colour"
+        if a.rstrip("s") in scenes.SHAPES or b.rstrip("s") in scenes.SHAPES:
+            return "shape"
+        return "region"
+    return "length"
+
+
 def _captions(
     caption: Callable[[npt.NDArray[np.uint8]], str],
     seed: int,
     n_scenes: int,
     examples: list[dict[str, str]] | None = None,
 ) -> dict[str, float]:
-    """Caption accuracy on held-out and on seen compositions (a few examples appended);
+    """Caption accuracy on held-out and on seen compositions, and what each wrong
+    held-out caption gets wrong first (``caption_error``; a few examples appended);
     nothing when ``n_scenes`` is 0 (``--scenes 0``: no captions scored)."""
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     if n_scenes <= 0:
         return out
+    errors = dict.fromkeys(CAPTION_ERRORS, 0)
     for name, held in (("caption_acc_heldout", True), ("caption_acc_seen_compositions", False)):
         ok = 0
         for i in range(n_scenes):
             img, cap = scenes.scene(seed + 999, i, heldout=held)
             got = caption(img)
-            ok += int(normalize(got) == normalize(cap))
+            kind = caption_error(cap, got)
+            ok += int(kind is None)
+            if held and kind is not None:
+                errors[kind] += 1
             if examples is not None and held and i < 6:
                 examples.append({"scene": cap, "caption": got})
         out[name] = ok / max(1, n_scenes)
+    out["caption_first_error_heldout"] = errors
     return out
 
 
@@ -318,6 +348,10 @@ def summary(result: dict[str, Any]) -> str:
         if key in result or key in st:
             both = _both(result.get(key), st.get(key))
             lines.append(f"caption accuracy, {what} compositions: {both}")
+    for name, r in (("offline", result), ("streamed", st)):
+        if r.get("caption_first_error_heldout"):
+            kinds = ", ".join(f"{k} {n}" for k, n in r["caption_first_error_heldout"].items())
+            lines.append(f"held-out captions' first error ({name}): {kinds}")
     for name, b in (result.get("baselines") or {}).items():
         if "unavailable" in b:
             lines.append(f"{name} unavailable ({b['unavailable']})")

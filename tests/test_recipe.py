@@ -183,6 +183,27 @@ def test_cell_labels_name_each_object_in_the_cell_of_its_centre() -> None:
     assert checked > 80
 
 
+def test_count_labels_give_each_shape_the_size_of_its_group() -> None:
+    """The count loss's targets: the cell of each shape's centre holds how many shapes of
+    its colour and kind the scene has (the count its caption says), empty cells 0."""
+    checked = 0
+    for i in range(40):
+        rng = random.Random(f"scene-5-{i}-0")
+        groups, region = scenes.sample_groups(rng, heldout=False)
+        _, objects = scenes.render(groups, region, rng)
+        colour, shape = scenes.cell_labels(objects)
+        counts = T.count_labels(colour, shape)
+        assert set(np.flatnonzero(counts)) == set(np.flatnonzero(shape))
+        cells = [int(o.cy // scenes.CELL) * 8 + int(o.cx // scenes.CELL) for o in objects]
+        if len(set(cells)) < len(cells):
+            continue  # two centres in one cell: that group looks one smaller
+        for o, c in zip(objects, cells, strict=True):
+            (g,) = [g for g in groups if (g.colour, g.shape) == (o.colour, o.shape)]
+            assert counts[c] == g.count
+            checked += 1
+    assert checked > 60
+
+
 def test_vision_loss_reads_the_image_cells_in_raster_order() -> None:
     """The training-only vision loss is None without labelled images, and it takes each
     image position's state with the label of that same cell: a middle layer that holds
@@ -457,13 +478,14 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
     monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, log: got.append(cfg))
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
-    flags += " --caption-corrupt 0.5"
+    flags += " --caption-corrupt 0.5 --count-weight 0.5"
     shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
     args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
     assert args.func(args) == 0
     (cfg,) = got
     assert (cfg.ctc_weight, cfg.vision_weight, cfg.voice_shift) == (3.0, 2.0, 0.25)
     assert cfg.caption_corrupt == 0.5 and T.TrainConfig().caption_corrupt == 0.0
+    assert cfg.count_weight == 0.5 and T.TrainConfig().count_weight == 0.0
     assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
     defaults = build_parser().parse_args(["train"])
@@ -576,6 +598,28 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
     with pytest.raises(RuntimeError, match=r"has no vision_head.*--init-from"):
         T.train(tmp_path, tmp_path / "old", tmp_path / "out2", T.TrainConfig(steps=4, **SMALL),
                 dcfg)  # fmt: skip
+
+
+@needs_espeak
+def test_a_count_run_trains_and_saves_its_count_head(tmp_path: Path) -> None:
+    """``--count-weight``: the run adds the count loss on caption batches, trains a
+    count head that ``state.pt`` keeps (a resume needs it), and a next phase starts from
+    it; without the flag no count head is made, so older runs resume as before."""
+    dcfg = _training_slice(tmp_path)
+    cfg = T.TrainConfig(steps=2, count_weight=1.0, task_mix=(0.0, 0.0, 1.0), **SMALL)
+    tr = T.build(tmp_path, cfg, dcfg)
+    assert tr.chead is not None and T.build(tmp_path, T.TrainConfig(**SMALL), dcfg).chead is None
+    before = tr.chead.weight.detach().clone()
+    vals, _ = tr.step(tr.batch(0), 1e-3)
+    assert vals["count"] > 0 and vals["loss"] > vals["ce"] + vals["count"] - 1e-6
+    assert not torch.equal(before, tr.chead.weight)
+    T.train(tmp_path, tmp_path / "run", tmp_path / "out", cfg, dcfg, log=lambda _: None)
+    saved = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert set(saved["count_head"]) == {"weight", "bias"}
+    nxt = T.build(tmp_path, T.TrainConfig(**{**SMALL, "count_weight": 1.0},
+                                          init_from=str(tmp_path / "run")), dcfg)  # fmt: skip
+    assert nxt.chead is not None
+    assert torch.equal(nxt.chead.weight.cpu(), saved["count_head"]["weight"])
 
 
 @needs_espeak

@@ -48,6 +48,7 @@ def train_command(
     vision_weight: float = 0.5,
     voice_shift: float = 0.0,
     caption_corrupt: float = 0.0,
+    count_weight: float = 0.0,
     ctc_weight: float = 1.0,
     layers: int = 4,
     hidden: int = 256,
@@ -76,6 +77,7 @@ def train_command(
         vision_weight=vision_weight,
         voice_shift=voice_shift,
         caption_corrupt=caption_corrupt,
+        count_weight=count_weight,
         ctc_weight=ctc_weight,
         layers=layers,
         hidden=hidden,
@@ -188,6 +190,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="weight of the training-only per-cell colour/shape loss on images (0: off)",
     )
     train.add_argument(
+        "--count-weight",
+        type=non_negative,
+        default=0.0,
+        help="weight of the training-only per-cell loss on each shape's group size (how "
+        "many shapes of its colour and kind the picture has); default 0: no count head",
+    )
+    train.add_argument(
         "--ctc-weight",
         type=non_negative,
         default=1.0,
@@ -298,6 +307,7 @@ def _train_model(args: argparse.Namespace) -> None:
         vision_weight=args.vision_weight,
         voice_shift=args.voice_shift,
         caption_corrupt=args.caption_corrupt,
+        count_weight=args.count_weight,
         ctc_weight=args.ctc_weight,
         layers=args.layers,
         hidden=args.hidden,
@@ -308,7 +318,7 @@ def _train_model(args: argparse.Namespace) -> None:
 
 
 def non_negative(arg: str) -> float:
-    """A float >= 0 (``--vision-weight``, ``--ctc-weight``)."""
+    """A float >= 0 (``--vision-weight``, ``--ctc-weight``, ``--count-weight``)."""
     try:
         value = float(arg)
     except ValueError:

@@ -185,6 +185,7 @@ class TrainConfig:
     vision_weight: float = 0.5  # the training-only per-cell colour/shape loss
     voice_shift: float = 0.0  # share of speech examples resampled as a shorter/longer voice
     caption_corrupt: float = 0.0  # share of caption colour words fed as another colour
+    count_weight: float = 0.0  # the training-only per-cell group-count loss (0: no count head)
     init_from: str = ""  # a run dir (state.pt) or checkpoint dir to start a new run from
 
 
@@ -584,16 +585,32 @@ def vision_head(hidden: int) -> nn.Linear:
     return nn.Linear(hidden, sum(VISION_CLASSES))
 
 
-def vision_loss(
-    model: Gemma4Unified,
-    head: nn.Linear,
-    p: Packed,
-    mid: torch.Tensor,
-    batch: Sequence[Example],
-) -> torch.Tensor | None:
-    """Mean cross-entropy of each cell's colour class (0: empty) plus that of the shape
-    class over the cells an object sits in (``scenes.cell_labels``), from the middle layer
-    at the image positions, or None without labelled images."""
+MAX_COUNT = 3  # scenes draw 1-3 shapes per group
+
+
+def count_head(hidden: int) -> nn.Linear:
+    """The training-only per-cell count head: how many shapes the group of the shape
+    centred in the cell has (logits for 0..MAX_COUNT; 0 is never a target)."""
+    return nn.Linear(hidden, MAX_COUNT + 1)
+
+
+def count_labels(
+    colour: npt.NDArray[np.int64], shape: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Per cell: the size of the group (same colour and shape) of the shape centred there,
+    or 0 for a cell without one; read off ``scenes.cell_labels``."""
+    out = np.zeros_like(shape)
+    for c, s in {(int(c), int(s)) for c, s in zip(colour, shape, strict=True) if s > 0}:
+        same = (colour == c) & (shape == s)
+        out[same] = min(MAX_COUNT, int(same.sum()))
+    return out
+
+
+def _image_cells(
+    model: Gemma4Unified, p: Packed, mid: torch.Tensor, batch: Sequence[Example]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The normalised middle-layer states at every labelled image position, with each
+    cell's colour and shape classes, or None without labelled images."""
     states, colours, shapes = [], [], []
     for i, ex in enumerate(batch):
         if ex.cell_labels is None:
@@ -604,10 +621,48 @@ def vision_loss(
         shapes.append(torch.from_numpy(ex.cell_labels[1]))
     if not states:
         return None
-    logits = head(rms_norm(torch.cat(states), None, 1e-6)).float()
+    dev = mid.device
+    x = rms_norm(torch.cat(states), None, 1e-6)
+    return x, torch.cat(colours).to(dev), torch.cat(shapes).to(dev)
+
+
+def count_loss(
+    model: Gemma4Unified,
+    head: nn.Linear,
+    p: Packed,
+    mid: torch.Tensor,
+    batch: Sequence[Example],
+) -> torch.Tensor | None:
+    """Cross-entropy of each shape's group size (``count_labels``) over the cells a shape
+    is centred in, from the middle layer, or None without labelled shapes: the captions'
+    first word is a count, and it is what they miss most often."""
+    cells = _image_cells(model, p, mid, batch)
+    if cells is None:
+        return None
+    x, colour, shape = cells
+    counts = torch.from_numpy(count_labels(colour.cpu().numpy(), shape.cpu().numpy()))
+    held = shape > 0
+    if not bool(held.any()):
+        return None
+    return F.cross_entropy(head(x[held]).float(), counts.to(x.device)[held])
+
+
+def vision_loss(
+    model: Gemma4Unified,
+    head: nn.Linear,
+    p: Packed,
+    mid: torch.Tensor,
+    batch: Sequence[Example],
+) -> torch.Tensor | None:
+    """Mean cross-entropy of each cell's colour class (0: empty) plus that of the shape
+    class over the cells an object sits in (``scenes.cell_labels``), from the middle layer
+    at the image positions, or None without labelled images."""
+    cells = _image_cells(model, p, mid, batch)
+    if cells is None:
+        return None
+    x, colour, shape = cells
+    logits = head(x).float()
     n_colour = VISION_CLASSES[0]
-    dev = logits.device
-    colour, shape = torch.cat(colours).to(dev), torch.cat(shapes).to(dev)
     loss = F.cross_entropy(logits[:, :n_colour], colour)
     # Shape only where an object sits: over all cells the empty ones (most of them)
     # would dilute it to a few per cent of the loss, and shape is what the captions miss.
@@ -623,9 +678,11 @@ def losses(
     batch: Sequence[Example],
     cfg: TrainConfig,
     vhead: nn.Linear | None = None,
+    chead: nn.Linear | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy on the targets, the auxiliary CTC loss and (with ``vhead``) the
-    per-cell vision loss; ``loss`` is their weighted sum."""
+    """Cross-entropy on the targets, the auxiliary CTC loss, (with ``vhead``) the
+    per-cell vision loss and (with ``chead``) the per-cell count loss; ``loss`` is their
+    weighted sum."""
     p, labels = pack_batch(model, batch)
     h, mid = hidden_states(model, p, cfg.ctc_layer)
     sel = labels != -100
@@ -669,6 +726,10 @@ def losses(
     if vis is not None and cfg.vision_weight > 0:
         out["vision"] = vis
         out["loss"] = out["loss"] + cfg.vision_weight * vis
+    count = count_loss(model, chead, p, mid, batch) if chead is not None else None
+    if count is not None and cfg.count_weight > 0:
+        out["count"] = count
+        out["loss"] = out["loss"] + cfg.count_weight * count
     return out
 
 
@@ -851,6 +912,7 @@ class Trainer:
     opt: torch.optim.AdamW
     corpus: Corpus
     lex: Lexicon | None
+    chead: nn.Linear | None = None  # only with ``count_weight`` (runs without it resume as before)
 
     def batch(self, step: int) -> list[Example]:
         if step % 100 == 0:
@@ -862,7 +924,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         with autocast(self.device, self.cfg.precision):
-            out = losses(self.model, self.head, batch, self.cfg, self.vhead)
+            out = losses(self.model, self.head, batch, self.cfg, self.vhead, self.chead)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -892,15 +954,20 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
     lex = corpus.lexicon() if cfg.ctc_targets == "phones" else None
     head = nn.Linear(cfg.hidden, 1 + (len(lex.phones) if lex else len(CTC_CHARS)))
     vhead = vision_head(cfg.hidden)
+    heads: dict[str, nn.Linear] = {"head": head, "vision_head": vhead}
+    if cfg.count_weight > 0:
+        heads["count_head"] = count_head(cfg.hidden)
     if cfg.init_from:
-        start_from(Path(cfg.init_from), model, {"head": head, "vision_head": vhead})
+        start_from(Path(cfg.init_from), model, dict(heads))
     model.to(device)
-    head.to(device)
-    vhead.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    params += [*head.parameters(), *vhead.parameters()]
+    for h in heads.values():
+        h.to(device)
+        params += list(h.parameters())
     opt = adamw(params, cfg.lr, cfg.weight_decay)
-    return Trainer(cfg, device, PromptFormat(tok), model, head, vhead, params, opt, corpus, lex)
+    fmt = PromptFormat(tok)
+    chead = heads.get("count_head")
+    return Trainer(cfg, device, fmt, model, head, vhead, params, opt, corpus, lex, chead)
 
 
 def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> None:
@@ -956,8 +1023,12 @@ def train(
         export(model, out_dir)
         model.train()
 
-    parts = {"model": model, "head": tr.head, "vision_head": tr.vhead, "opt": tr.opt}
-    run = RunState(run_dir, parts, cfg, save_model, shown=("loss", "ce", "ctc", "vision"), log=log)
+    parts: dict[str, Any] = {"model": model, "head": tr.head, "vision_head": tr.vhead}
+    if tr.chead is not None:
+        parts["count_head"] = tr.chead
+    parts["opt"] = tr.opt
+    shown = ("loss", "ce", "ctc", "vision", "count")
+    run = RunState(run_dir, parts, cfg, save_model, shown=shown, log=log)
     if cfg.init_from and run.file.exists():
         log(f"{run.file} exists: resuming it (--init-from starts a new run only)")
     run.resume(tr.device)

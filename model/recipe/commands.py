@@ -54,6 +54,9 @@ def train_command(
     hidden: int = 256,
     intermediate: int = 512,
     ctc_layer: int = 2,
+    align_weight: float = 0.0,
+    align_layers: tuple[int, ...] = (-1,),
+    align_heads: int = 2,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -83,6 +86,9 @@ def train_command(
         hidden=hidden,
         intermediate=intermediate,
         ctc_layer=ctc_layer,
+        align_weight=align_weight,
+        align_layers=align_layers,
+        align_heads=align_heads,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
@@ -196,6 +202,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="weight of the training-only per-cell loss on each shape's group size (how "
         "many shapes of its colour and kind the picture has); default 0: no count head",
     )
+    train.add_argument(
+        "--align-weight",
+        type=non_negative,
+        default=0.0,
+        help="weight of the training-only guided-attention loss: the first --align-heads "
+        "heads of the --align-layers attend to the frames of the word each transcript "
+        "token belongs to (default 0: off)",
+    )
+    train.add_argument(
+        "--align-layers",
+        type=layer_list,
+        default=(-1,),
+        help="comma-separated layer indices the alignment loss guides (-1: the last)",
+    )
+    train.add_argument("--align-heads", type=at_least(1), default=2)
     train.add_argument(
         "--ctc-weight",
         type=non_negative,
@@ -313,6 +334,9 @@ def _train_model(args: argparse.Namespace) -> None:
         hidden=args.hidden,
         intermediate=args.intermediate,
         ctc_layer=args.ctc_layer,
+        align_weight=args.align_weight,
+        align_layers=args.align_layers,
+        align_heads=args.align_heads,
         **_given(args),
     )
 
@@ -367,6 +391,16 @@ def task_mix(arg: str) -> tuple[float, float, float]:
         )
     total = sum(shares)
     return (shares[0] / total, shares[1] / total, shares[2] / total)
+
+
+def layer_list(arg: str) -> tuple[int, ...]:
+    """Comma-separated layer indices (``--align-layers``); negative counts from the end."""
+    try:
+        out = tuple(int(x) for x in arg.split(","))
+    except ValueError:
+        msg = f"expected layer indices like 2,3 or -1, got {arg!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    return out
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

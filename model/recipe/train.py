@@ -62,6 +62,7 @@ from rawcast.model.gemma4 import (
     softcap,
 )
 from rawcast.model.prompt import PromptFormat
+from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import scenes, speech
 from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
@@ -186,6 +187,9 @@ class TrainConfig:
     voice_shift: float = 0.0  # share of speech examples resampled as a shorter/longer voice
     caption_corrupt: float = 0.0  # share of caption colour words fed as another colour
     count_weight: float = 0.0  # the training-only per-cell group-count loss (0: no count head)
+    align_weight: float = 0.0  # the training-only guided-attention loss (align.py; 0: off)
+    align_layers: tuple[int, ...] = (-1,)  # the layers it guides (-1: the last)
+    align_heads: int = 2  # the first N query heads of each guided layer
     init_from: str = ""  # a run dir (state.pt) or checkpoint dir to start a new run from
 
 
@@ -199,6 +203,9 @@ class Example:
     ctc: list[int] = field(default_factory=list)
     task: str = "transcribe"
     cell_labels: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+    # Frame window [lo, hi) of each target token's word (guided alignment), or empty.
+    align: list[tuple[int, int]] = field(default_factory=list)
+    audio_at: int = 0  # position of the first audio frame in ``tokens``
 
 
 def frames(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -213,18 +220,28 @@ def speech_example(
     target: str,
     task: str,
     lex: Lexicon | None = None,
+    ends: Sequence[int] | None = None,
 ) -> Example:
+    """``ends``: the sample where each word of ``target`` ends (transcription only), for
+    the guided-alignment windows."""
     tok = fmt.tok
     fr = frames(audio)
-    head = [*fmt.stream_prefix(), *([tok.ids.audio] * fr.shape[0])]
+    prefix = fmt.stream_prefix()
+    head = [*prefix, *([tok.ids.audio] * fr.shape[0])]
     head += fmt.branch(task, LANGUAGE if task == "translate" else None)
     body = tok.encode(target) if target else []
+    wins = []
+    if ends is not None and task == "transcribe" and body:
+        wins = A.token_windows(tok.encode, target, ends, fr.shape[0])
+        wins = wins if len(wins) == len(body) else []
     return Example(
         tokens=[*head, *body, tok.turn_close],
         loss_from=len(head),
         audio=fr,
         ctc=(lex.labels(target) if lex else ctc_labels(target)) if task == "transcribe" else [],
         task=task,
+        align=wins,
+        audio_at=len(prefix),
     )
 
 
@@ -344,6 +361,7 @@ def make_batch(
         shard, i = corpus.sample(rng, grammar_only=task == "translate")
         audio = shard.clip_audio(i)
         meta = shard.meta[i]
+        ends: list[int] | None = shard.clip_ends(i)
         if task == "translate":
             target = meta["es"]
         elif rng.random() < cfg.truncate_share:
@@ -352,8 +370,12 @@ def make_batch(
             target = meta["text"]
         if cfg.voice_shift > 0:  # its own stream: the batches of a run without it stay put
             rng_b = np.random.default_rng([cfg.seed, 11, step, b])
+            n = audio.size
             audio = voice_shift(audio, rng_b, cfg.voice_shift)
-        out.append(speech_example(fmt, audio, target, task, lex if task == "transcribe" else None))
+            ends = [e * audio.size // max(1, n) for e in ends] if ends else ends
+        lex_t = lex if task == "transcribe" else None
+        aligned = ends if cfg.align_weight > 0 else None
+        out.append(speech_example(fmt, audio, target, task, lex_t, aligned))
     return out
 
 
@@ -519,11 +541,13 @@ def hidden_states(
     p: Packed,
     tap: int,
     keep_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    align: Aligner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-normed hidden (B, T, H) and the residual after layer ``tap``: no cache.
 
     Layers named in ``keep_kv`` get their (normed, rotated) K and V stored there: the
-    drafter recipe trains on what the target's cache would hold."""
+    drafter recipe trains on what the target's cache would hold. With ``align``, its
+    layers' attention is scored against its windows (``align.losses``)."""
     x = model.embed(p)
     masks = model._masks(p, None)
     rope = {
@@ -537,6 +561,8 @@ def hidden_states(
         q, k, v = layer.self_attn.project(h, *rope[layer.sliding])
         if keep_kv is not None and i in keep_kv:
             keep_kv[i] = (k, v)
+        if align is not None and i in align.layers:
+            align.losses.append(A.loss(q, k, masks[layer.sliding], align.targets, align.heads))
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=masks[layer.sliding], scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
         )
@@ -548,6 +574,29 @@ def hidden_states(
         if i == tap:
             mid = x
     return model.norm(x), mid
+
+
+@dataclass
+class Aligner:
+    """The guided-alignment loss of one forward: which layers and heads, where."""
+
+    layers: set[int]
+    heads: int
+    targets: A.Targets
+    losses: list[torch.Tensor] = field(default_factory=list)
+
+    @staticmethod
+    def of(
+        model: Gemma4Unified, p: Packed, batch: Sequence[Example], cfg: TrainConfig
+    ) -> Aligner | None:
+        if cfg.align_weight <= 0:
+            return None
+        n = len(model.layers)
+        layers = {i % n for i in cfg.align_layers}
+        rows = {b: (ex.loss_from - 1, ex.audio_at, ex.align) for b, ex in enumerate(batch)}
+        rows = {b: r for b, r in rows.items() if r[2]}
+        targets = A.Targets.build(p.input_ids.shape[1], rows, len(batch), p.input_ids.device)
+        return Aligner(layers, cfg.align_heads, targets) if targets is not None else None
 
 
 def output_logits(model: Gemma4Unified, h: torch.Tensor) -> torch.Tensor:
@@ -684,7 +733,8 @@ def losses(
     per-cell vision loss and (with ``chead``) the per-cell count loss; ``loss`` is their
     weighted sum."""
     p, labels = pack_batch(model, batch)
-    h, mid = hidden_states(model, p, cfg.ctc_layer)
+    aligner = Aligner.of(model, p, batch, cfg)
+    h, mid = hidden_states(model, p, cfg.ctc_layer, align=aligner)
     sel = labels != -100
     logits = output_logits(model, h[sel])
     ce_all = F.cross_entropy(logits, labels[sel], reduction="none")
@@ -730,6 +780,9 @@ def losses(
     if count is not None and cfg.count_weight > 0:
         out["count"] = count
         out["loss"] = out["loss"] + cfg.count_weight * count
+    if aligner is not None and aligner.losses:
+        out["align"] = torch.stack(aligner.losses).mean()
+        out["loss"] = out["loss"] + cfg.align_weight * out["align"]
     return out
 
 
@@ -938,6 +991,9 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
         raise ValueError(f"unknown precision {cfg.precision!r}: {', '.join(PRECISIONS)}")
     if not 0 <= cfg.ctc_layer < cfg.layers:
         raise RunError(f"the CTC layer ({cfg.ctc_layer}) must be below the layers ({cfg.layers})")
+    bad = [i for i in cfg.align_layers if not -cfg.layers <= i < cfg.layers]
+    if bad:
+        raise RunError(f"--align-layers {bad[0]} is not a layer of a {cfg.layers}-layer model")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -265,6 +265,17 @@ def test_wer_is_split_by_recording_condition(data_dir: Path) -> None:
     assert "  clean: offline " in summary(r)
 
 
+def test_wer_is_split_by_sentence_source(data_dir: Path) -> None:
+    """Grammar sentences and fortune prose each get their own WER (one clip of each)."""
+    r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", baselines=False, log=_skip)
+    got = r["wer_by_source"]
+    assert set(got) == {"grammar", "prose"}
+    ked = json.loads((FIXTURES / "heldout_ked_diphone.json").read_text())["text"]
+    hyp = next(e["hyp"] for e in r["examples"] if e["ref"] == ked)
+    assert got["grammar"] == round(wer([ked], [hyp]), 4)
+    assert "  grammar sentences: offline " in summary(r)
+
+
 def _skip(*args: Any) -> None:
     pass
 

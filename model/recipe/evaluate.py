@@ -101,6 +101,8 @@ class _Speech:
         self.es_hyps: dict[str, list[str]] = defaultdict(list)
         self.cond_refs: dict[str, list[str]] = defaultdict(list)
         self.cond_hyps: dict[str, list[str]] = defaultdict(list)
+        self.src_refs: dict[str, list[str]] = defaultdict(list)
+        self.src_hyps: dict[str, list[str]] = defaultdict(list)
 
     def add(self, meta: dict[str, str], hyp: str, es: str | None) -> None:
         self.refs[meta["voice"]].append(meta["text"])
@@ -108,6 +110,9 @@ class _Speech:
         for c in conditions(meta.get("desc", "")):
             self.cond_refs[c].append(meta["text"])
             self.cond_hyps[c].append(hyp)
+        if "source" in meta:
+            self.src_refs[meta["source"]].append(meta["text"])
+            self.src_hyps[meta["source"]].append(hyp)
         if meta["es"] and es is not None:
             self.es_refs[meta["source"]].append(meta["es"])
             self.es_hyps[meta["source"]].append(es)
@@ -124,6 +129,10 @@ class _Speech:
                 c: round(wer(self.cond_refs[c], self.cond_hyps[c]), 4)
                 for c in CONDITIONS
                 if self.cond_refs[c]
+            },
+            # grammar sentences (a small closed vocabulary) apart from fortune prose
+            "wer_by_source": {
+                k: round(wer(self.src_refs[k], self.src_hyps[k]), 4) for k in sorted(self.src_refs)
             },
         }
         es_refs = [r for v in self.es_refs.values() for r in v]
@@ -310,6 +319,9 @@ def summary(result: dict[str, Any]) -> str:
         off_c, st_c = result.get("wer_by_condition", {}), st.get("wer_by_condition", {})
         for c in [c for c in CONDITIONS if c in off_c or c in st_c]:
             lines.append(f"  {c}: {_both(off_c.get(c), st_c.get(c))}")
+        off_s, st_s = result.get("wer_by_source", {}), st.get("wer_by_source", {})
+        for k in sorted(set(off_s) | set(st_s)):
+            lines.append(f"  {k} sentences: {_both(off_s.get(k), st_s.get(k))}")
     if result.get("wer_training_voices") is not None:
         by = ", ".join(
             f"{e} {100 * x:.1f}%" for e, x in result["wer_training_voices_by_engine"].items()

@@ -589,6 +589,25 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
             got = getattr(tr, attr).state_dict()
             assert all(torch.equal(v, want[k]) for k, v in got.items()), (src.name, name)
         assert not tr.opt.state
+    # The data directory made again may number the same tokens otherwise: a run keeps
+    # its own tokenizer (saved in the run dir) and a second phase takes its source's.
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == (
+        tmp_path / "out" / "tokenizer.json"
+    ).read_text()
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (t for t, i in vocab.items() if i in (20, 21))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    shipped_id = load(tmp_path / "out").tokenizer.token_id(a)
+    assert T.load_tokenizer(tmp_path, dcfg).token_id(a) != shipped_id
+    for src in (tmp_path / "run", tmp_path / "out"):
+        tr = T.build(tmp_path, T.TrainConfig(init_from=str(src), **SMALL), dcfg)
+        assert tr.fmt.tok.token_id(a) == shipped_id, src.name
+    assert (
+        T.build(tmp_path, T.TrainConfig(**SMALL), dcfg, tmp_path / "run").fmt.tok.token_id(a)
+        == shipped_id
+    )
     wider = T.TrainConfig(init_from=str(tmp_path / "run"), **{**SMALL, "hidden": 96})
     with pytest.raises(T.RunError, match="another model shape than this run"):
         T.build(tmp_path, wider, dcfg)

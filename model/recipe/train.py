@@ -985,8 +985,28 @@ class Trainer:
         return {k: float(v.detach()) for k, v in out.items()}, float(gn)
 
 
-def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
-    """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``."""
+def run_tokenizer(
+    data_root: Path, dcfg: D.DataConfig, run_dir: Path | None, init_from: str
+) -> Tokenizer:
+    """The tokenizer a run's embeddings go with: the run's own (a resumed run), else that
+    of the run or checkpoint it starts from, else the data directory's (made there if
+    missing). A regenerated data directory may hold another tokenizer: one made again
+    from the same sentences gave the shipped checkpoint's 3000 tokens with 135 of them
+    under other ids, which a second phase from that checkpoint would have read as
+    other words."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    for d in (run_dir, Path(init_from) if init_from else None):
+        if d is not None and (d / "tokenizer.json").exists():
+            return Tokenizer(HFTokenizer.from_file(str(d / "tokenizer.json")), TOKEN_IDS)
+    return load_tokenizer(data_root, dcfg)
+
+
+def build(
+    data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig, run_dir: Path | None = None
+) -> Trainer:
+    """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``;
+    the tokenizer is ``run_tokenizer``'s."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}: {', '.join(PRECISIONS)}")
     if not 0 <= cfg.ctc_layer < cfg.layers:
@@ -997,7 +1017,7 @@ def build(data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig) -> Trainer:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(data_root, dcfg)
+    tok = run_tokenizer(data_root, dcfg, run_dir, cfg.init_from)
     mcfg = tiny_config(tok.vocab_size, cfg.layers, cfg.hidden, cfg.intermediate)
     torch.manual_seed(cfg.seed)
     model = Gemma4Unified(mcfg)
@@ -1066,7 +1086,9 @@ def train(
 ) -> Path:
     """Train (or resume) and export to ``out_dir``. Returns ``out_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tr = build(data_root, cfg, dcfg)
+    tr = build(data_root, cfg, dcfg, run_dir)
+    if not (run_dir / "tokenizer.json").exists():
+        tr.fmt.tok.save(run_dir / "tokenizer.json")
     model = tr.model
     n = sum(p.numel() for p in model.parameters())
     mb = 4 * n / 2**20

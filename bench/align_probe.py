@@ -5,9 +5,10 @@ is laid out as in training (prompt, audio, transcribe branch, reference transcri
 one teacher-forced forward reads, per layer and head, the attention that each position
 predicting a transcript token puts on the frames of that token's word (the windows of
 ``rawcast train --align-weight``, ``model/recipe/align.py``). Printed: the mean
-``-log`` mass (the training loss; uniform attention over the visible tokens gives
-about 1.5) and its geometric-mean mass, per layer over all heads and over the first two
-(the heads ``--align-heads 2`` guides).
+``-log`` mass (the training loss) and its geometric-mean mass, per layer over all heads
+and over the first two (the heads ``--align-heads 2`` guides), beside the same under
+uniform attention over the visible tokens (what a head that reads nothing in
+particular would score).
 
     python bench/align_probe.py --model rawcast-tiny --clips 64
 """
@@ -47,13 +48,14 @@ def main() -> None:
             examples.append(ex)
     n_layers = len(model.layers)
     sums = {(i, h): 0.0 for i in range(n_layers) for h in (2, 0)}
+    uniform = 0.0
     batches = 0
     for b0 in range(0, len(examples), args.batch):
         batch = examples[b0 : b0 + args.batch]
         p, _ = T.pack_batch(model, batch)
-        rows = {b: (ex.loss_from - 1, ex.audio_at, ex.align) for b, ex in enumerate(batch)}
-        targets = A.Targets.build(p.input_ids.shape[1], rows, len(batch), p.input_ids.device)
+        targets = T.align_targets(p, batch)
         assert targets is not None
+        uniform += float(A.uniform_loss(model._masks(p, None)[False], targets))
         n_heads = model.cfg.text.num_attention_heads
         for heads in (2, n_heads):
             aligner = T.Aligner(set(range(n_layers)), heads, targets)
@@ -66,6 +68,8 @@ def main() -> None:
         f"# {platform.machine()}, torch {torch.__version__}; {args.model}; "
         f"{len(examples)} held-out clips"
     )
+    u = uniform / batches
+    print(f"# uniform attention (full layers): -log mass {u:.2f}, mass {math.exp(-u):.1%}")
     print("layer  -log mass (all heads)  mass  |  -log mass (heads 0-1)  mass")
     for i in range(n_layers):
         all_h, two = sums[(i, 0)] / batches, sums[(i, 2)] / batches

@@ -78,6 +78,7 @@ def test_loss_is_minus_log_of_the_window_share_under_uniform_attention() -> None
     # position 16 sees 17 keys, 4 of them in its window; position 17 sees 18, 6 inside
     want = -(math.log(4 / 17) + math.log(6 / 18)) / 2
     assert float(got) == pytest.approx(want, rel=1e-6)
+    assert float(A.uniform_loss(causal, targets)) == pytest.approx(want, rel=1e-6)
 
 
 def test_loss_vanishes_when_the_heads_look_at_the_word() -> None:

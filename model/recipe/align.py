@@ -24,12 +24,13 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 FRAME = 640
+Encode = Callable[[str], Sequence[int]]
 
 
 def word_spans(words: Sequence[str], ends: Sequence[int]) -> list[tuple[int, int]]:
@@ -48,10 +49,9 @@ def word_spans(words: Sequence[str], ends: Sequence[int]) -> list[tuple[int, int
     return spans
 
 
-def token_words(encode: object, words: Sequence[str]) -> list[int]:
+def token_words(encode: Encode, words: Sequence[str]) -> list[int]:
     """The word index of each token of ``" ".join(words)``; [] when the tokenization of
     the whole is not the concatenation of its words' (then the example gets no loss)."""
-    assert callable(encode)
     out: list[int] = []
     n = 0
     for k in range(len(words)):
@@ -79,7 +79,7 @@ def frame_windows(
 
 
 def token_windows(
-    encode: object, text: str, ends: Sequence[int], n_frames: int
+    encode: Encode, text: str, ends: Sequence[int], n_frames: int
 ) -> list[tuple[int, int]]:
     """Frame window of each token of ``text`` (as ``encode`` makes them), or []."""
     words = text.split()
@@ -116,13 +116,25 @@ class Targets:
         window = torch.zeros(batch, width, width, dtype=torch.bool)
         for b, (first, offset, wins) in examples.items():
             for j, (lo, hi) in enumerate(wins):
-                if first + j >= width:
-                    break
                 rows[b, first + j] = True
                 window[b, first + j, offset + lo : offset + hi] = True
         if not bool(rows.any()):
             return None
         return Targets(rows.to(device), window.to(device))
+
+
+def uniform_loss(mask: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """``loss`` under uniform attention over the visible keys: -log of the window's share
+    of them, the baseline a guided head starts from (a head that ignores the audio does
+    worse)."""
+    b, _, t, k = mask.shape
+    return loss(
+        mask.new_zeros(b, 1, t, 1, dtype=torch.float32),
+        mask.new_zeros(b, 1, k, 1, dtype=torch.float32),
+        mask,
+        targets,
+        1,
+    )
 
 
 def loss(
@@ -141,7 +153,7 @@ def loss(
     mass = torch.logsumexp(inside, dim=-1)  # (B, h, T)
     sel = targets.rows.unsqueeze(1).expand_as(mass)
     vals = mass[sel]
-    vals = vals[torch.isfinite(vals)]
+    vals = vals[torch.isfinite(vals)]  # a window wholly outside a sliding layer's reach
     if vals.numel() == 0:
         return q.new_zeros(())
     return -vals.mean()

@@ -110,9 +110,8 @@ class _Speech:
         for c in conditions(meta.get("desc", "")):
             self.cond_refs[c].append(meta["text"])
             self.cond_hyps[c].append(hyp)
-        if "source" in meta:
-            self.src_refs[meta["source"]].append(meta["text"])
-            self.src_hyps[meta["source"]].append(hyp)
+        self.src_refs[meta["source"]].append(meta["text"])
+        self.src_hyps[meta["source"]].append(hyp)
         if meta["es"] and es is not None:
             self.es_refs[meta["source"]].append(meta["es"])
             self.es_hyps[meta["source"]].append(es)

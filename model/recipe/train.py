@@ -593,10 +593,15 @@ class Aligner:
             return None
         n = len(model.layers)
         layers = {i % n for i in cfg.align_layers}
-        rows = {b: (ex.loss_from - 1, ex.audio_at, ex.align) for b, ex in enumerate(batch)}
-        rows = {b: r for b, r in rows.items() if r[2]}
-        targets = A.Targets.build(p.input_ids.shape[1], rows, len(batch), p.input_ids.device)
+        targets = align_targets(p, batch)
         return Aligner(layers, cfg.align_heads, targets) if targets is not None else None
+
+
+def align_targets(p: Packed, batch: Sequence[Example]) -> A.Targets | None:
+    """The alignment windows of a packed batch: the position predicting target token j
+    of row b is ``loss_from - 1 + j``; its word's frames start at ``audio_at``."""
+    rows = {b: (ex.loss_from - 1, ex.audio_at, ex.align) for b, ex in enumerate(batch) if ex.align}
+    return A.Targets.build(p.input_ids.shape[1], rows, len(batch), p.input_ids.device)
 
 
 def output_logits(model: Gemma4Unified, h: torch.Tensor) -> torch.Tensor:
@@ -994,11 +999,9 @@ def run_tokenizer(
     from the same sentences gave the shipped checkpoint's 3000 tokens with 135 of them
     under other ids, which a second phase from that checkpoint would have read as
     other words."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     for d in (run_dir, Path(init_from) if init_from else None):
         if d is not None and (d / "tokenizer.json").exists():
-            return Tokenizer(HFTokenizer.from_file(str(d / "tokenizer.json")), TOKEN_IDS)
+            return Tokenizer.from_file(d / "tokenizer.json", TOKEN_IDS)
     return load_tokenizer(data_root, dcfg)
 
 

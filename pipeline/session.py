@@ -37,6 +37,7 @@ import torch
 
 from rawcast.model.cache import KVCache
 from rawcast.model.gemma4 import Append
+from rawcast.model.loops import LOOP_RULE, LoopRule, loop_cut
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.tokenizer import Tokenizer
 from rawcast.pipeline.audio import AudioFramer
@@ -89,6 +90,9 @@ class SessionConfig:
     caption_interval_s: float = 2.0
     max_soft_tokens: int | None = None  # per picture; None: the checkpoint's (EngineCore.open)
     max_pending_s: float = 30.0  # audio waiting for the engine before the oldest is dropped
+    # A decode that ends in a repeated block stops there, keeping one copy (model/loops.py);
+    # None: decode until the stop token or max_new_tokens, as plain greedy does.
+    loop_rule: LoopRule | None = LOOP_RULE
 
     def __post_init__(self) -> None:
         if self.decode_interval_ms < 40:
@@ -479,11 +483,19 @@ class Session:
             stop = token in self.fmt.stop_ids
             if not stop:
                 b.generated.append(token)
+                cut = self._loop_cut(b.generated)
+                if cut is not None:
+                    del b.generated[cut:]
+                    stop = True
             room = cache.spec.branch_room - b.fed
             if stop or len(b.generated) >= self.config.max_new_tokens or room < 1:
                 b.done = True
             if all(x.done for x in self.branches):
                 self._finish_branches(cache)
+
+    def _loop_cut(self, generated: list[int]) -> int | None:
+        rule = self.config.loop_rule
+        return None if rule is None else loop_cut(generated, rule)
 
     def _finish_branches(self, cache: KVCache) -> None:
         for b in self.branches:

@@ -12,6 +12,7 @@ import torch
 
 from rawcast.model.cache import CacheSpec, KVCache
 from rawcast.model.gemma4 import Append, Gemma4Unified
+from rawcast.model.loops import LOOP_RULE, LoopRule, loop_cut
 from rawcast.model.prompt import PromptFormat
 
 FRAME = 640
@@ -38,8 +39,11 @@ def greedy(
     image: tuple[torch.Tensor, torch.Tensor] | None = None,
     language: str | None = None,
     max_new: int = 48,
+    loop_rule: LoopRule | None = LOOP_RULE,
 ) -> list[int]:
-    """Greedy token ids of the answer (without the stop token)."""
+    """Greedy token ids of the answer (without the stop token). With ``loop_rule`` (the
+    engine's default) a decode ending in a repeated block stops there, as the engine's
+    does; None decodes on until the stop token or ``max_new``."""
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer")
     fmt = PromptFormat(model.tokenizer)
@@ -66,6 +70,9 @@ def greedy(
         if nxt in stop:
             break
         out.append(nxt)
+        cut = None if loop_rule is None else loop_cut(out, loop_rule)
+        if cut is not None:
+            return out[:cut]
         logits = model.step([Append(slot=0, tokens=[nxt])], cache)
     return out
 

@@ -1108,7 +1108,7 @@ def train(
     if tr.chead is not None:
         parts["count_head"] = tr.chead
     parts["opt"] = tr.opt
-    shown = ("loss", "ce", "ctc", "vision", "count")
+    shown = ("loss", "ce", "ctc", "vision", "count", "align")  # those the run computes
     run = RunState(run_dir, parts, cfg, save_model, shown=shown, log=log)
     if cfg.init_from and run.file.exists():
         log(f"{run.file} exists: resuming it (--init-from starts a new run only)")

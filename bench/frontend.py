@@ -16,6 +16,10 @@ Variants (all other things equal: data order, steps, schedule, layers):
   subwindow``): three overlapping 20 ms Hann windows per frame, 28 mel-spaced bands
   each (cos, sin), and the first MLP writing each window's band energies into dims of
   their own (a 3-step spectrogram kept apart from the raw Fourier values).
+- ``subwindow-zero``: ``subwindow`` with every residual branch but the first MLP
+  starting at zero (``train.zero_branches``): at a random init each branch adds a
+  random vector of RMS 1 to a residual whose embedded frame has RMS about 0.2, which
+  buries the spectrogram the first MLP computes.
 - ``logmel``: a reference that the architecture cannot ship: 80 log-mel energies of
   each frame computed outside the model, through a learned Linear into the layers.
 
@@ -41,7 +45,7 @@ from rawcast.model.recipe import data as D
 from rawcast.model.recipe import train as T
 from rawcast.model.recipe.config import tiny_config
 
-VARIANTS = ("shipped", "subwindow", "logmel")
+VARIANTS = ("shipped", "subwindow", "subwindow-zero", "logmel")
 LAYERS = 3  # the recipe taps its CTC loss after layer 2
 
 
@@ -73,7 +77,9 @@ class PhoneNet(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         model = Gemma4Unified(tiny_config(3000))
-        T.init_model(model, seed, "subwindow" if variant == "subwindow" else "fourier")
+        T.init_model(model, seed, "subwindow" if variant.startswith("subwindow") else "fourier")
+        if variant == "subwindow-zero":
+            T.zero_branches(model)
         assert model.audio is not None
         model.layers = nn.ModuleList(model.layers[:LAYERS])
         self.model = model

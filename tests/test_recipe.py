@@ -308,6 +308,38 @@ def test_subwindow_init_is_a_spectrogram_apart_from_the_raw_values(band: int) ->
     assert float(out[:raw].abs().max()) == 0.0
 
 
+def test_zero_branches_pass_the_spectrogram_through_every_layer() -> None:
+    """With ``zero_branches`` the residual after all four layers is the embedded frame
+    plus the first MLP's spectrogram, exactly; at the plain init the random branches
+    change it (what ``bench/frontend.py``'s ``subwindow-zero`` row measures)."""
+    from rawcast.model.gemma4 import DecoderLayer
+    from rawcast.model.recipe.config import tiny_config
+
+    frames = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((6, T.FRAME)).astype(np.float32)
+    )
+    n = frames.shape[0]
+    pos = torch.arange(n)[None]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    outs = []
+    for zero in (True, False):
+        model = Gemma4Unified(tiny_config(300))
+        T.init_model(model, 0, "subwindow")
+        if zero:
+            T.zero_branches(model)
+        layer = model.layers[0]
+        assert isinstance(layer, DecoderLayer) and model.audio is not None
+        with torch.no_grad():
+            x0 = model.audio(frames)
+            spectrogram = x0 + layer.post_feedforward_layernorm(
+                layer.mlp(layer.pre_feedforward_layernorm(x0))
+            )
+            y, _ = model.run_layers(x0[None], pos, {True: mask, False: mask}, None)
+        outs.append(float((y[0] - spectrogram).abs().max()))
+    assert outs[0] < 1e-5
+    assert outs[1] > 0.5
+
+
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         T.build(Path("nowhere"), T.TrainConfig(precision="fp8"), D.DataConfig())

@@ -75,9 +75,9 @@ def main() -> None:
     print("| task | decodes stopped | tokens saved | plain greedy | with the loop stop |")
     print("|---|---|---|---|---|")
     for task, score, unit in (("transcribe", wer, "WER %"), ("translate", chrf, "chrF")):
-        r = rows.get(task)
-        if not r:
+        if task not in rows:
             continue
+        r = rows[task]
         a, b = score(r["ref"], r["plain"]), score(r["ref"], r["cut"])
         scale = 100.0 if unit == "WER %" else 1.0
         print(

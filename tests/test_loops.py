@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_model import tiny_model
 
+from rawcast.model.cache import KVCache
 from rawcast.model.gemma4 import Append, Gemma4Unified
 from rawcast.model.loops import LoopRule, loop_cut
 from rawcast.model.recipe import decode
@@ -52,8 +53,8 @@ def _cycle_model(model: Gemma4Unified, block: Sequence[int]) -> None:
     other). The forward still runs; only the returned logits are steered."""
     real_step = model.step
 
-    def step(rows: list[Append], cache: object) -> torch.Tensor:
-        logits = real_step(rows, cache)  # type: ignore[arg-type]
+    def step(rows: Sequence[Append], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        logits = real_step(rows, cache, all_logits)
         out = logits.clone()
         for i, row in enumerate(rows):
             last = row.tokens[-1] if row.tokens else -1

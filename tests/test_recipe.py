@@ -474,7 +474,7 @@ def test_channel_augment_keeps_timing_and_loudness_and_recolours_the_spectrum() 
 @pytest.mark.xfail(
     strict=True,
     reason="issue 6 is open: the bundled rawcast-tiny is not yet trained to transcribe "
-    "held-out voices ('he studies at home now' for 'he finds my cold box'); remove this mark "
+    "held-out voices ('he studies at home at night' for 'he finds my cold box'); remove this mark "
     "when it passes",
 )
 def test_shipped_model_transcribes_a_held_out_voice(shipped: Gemma4Unified) -> None:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rawcast.model.gemma4 import Gemma4Unified
+from rawcast.model.gemma4 import DecoderLayer, Gemma4Unified
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import train as T
 from rawcast.model.recipe.config import tiny_config
@@ -159,6 +159,31 @@ def per(net: PhoneNet, clips: list[tuple[np.ndarray, list[str], str]], inv: dict
     return 100 * jiwer.wer(*every), {g: 100 * jiwer.wer(*v) for g, v in sorted(by.items())}
 
 
+@torch.no_grad()
+def init_spectrogram_corr(net: PhoneNet, audio: np.ndarray) -> float:
+    """At init, how well the residual after layer 0 (its attention included) keeps the
+    spectrogram the first MLP computes from the embedded frame alone: the correlation of
+    the two's log band energies over a clip's frames, on the dims that MLP writes."""
+    model = net.model
+    assert model.audio is not None
+    mlp0 = model.layers[0]
+    assert isinstance(mlp0, DecoderLayer)
+    x0 = model.audio(torch.from_numpy(T.frames(audio)))
+    clean = mlp0.mlp(mlp0.pre_feedforward_layernorm(x0))
+    live = clean.abs().amax(0) > 0  # the band-energy dims (the MLP writes nothing else)
+    n = x0.shape[0]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    layers = model.layers
+    model.layers = nn.ModuleList(layers[:1])
+    try:
+        y, _ = model.run_layers(x0[None], torch.arange(n)[None], {True: mask, False: mask}, None)
+    finally:
+        model.layers = layers
+    a = torch.log(y[0][:, live].flatten().clamp(min=1e-6))
+    b = torch.log(clean[:, live].flatten().clamp(min=1e-6))
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,6 +198,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--voice-shift", type=float, default=0.0, help="share of clips resampled 0.82-1.22x"
+    )
+    ap.add_argument(
+        "--init-probe",
+        action="store_true",
+        help="print, per variant, how well layer 0 keeps the spectrogram at init (the "
+        "first held-out clip), and train nothing",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -197,6 +228,15 @@ def main() -> None:
             (shard.clip_audio(i), [p for w in text.split() for p in lex.words[w]], "seen")
         )
     inv = {i: p for p, i in lex.index.items()}
+    if args.init_probe:
+        for variant in args.variants:
+            if variant.startswith("subwindow"):
+                corr = init_spectrogram_corr(
+                    PhoneNet(variant, len(lex.phones), 1234), held[0].clip_audio(0)
+                )
+                print(f"{variant}: log band energies after layer 0 vs the first MLP's alone, "
+                      f"correlation {corr:.2f} at init")  # fmt: skip
+        return
     print(
         f"# bench/frontend.py on {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s), torch {torch.__version__}, {args.steps} steps of "

@@ -524,8 +524,9 @@ def zero_branches(model: Gemma4Unified) -> None:
     Each branch's output is RMS-normalised before it joins the residual, so at a random
     init every branch adds a random vector of RMS 1, and the embedded frame is far smaller
     (RMS about 0.2): the first layer's attention alone buried the spectrogram the first
-    MLP computes (the log band energies it wrote correlated 0.16 with the frame's, 0.99
-    with that attention off). With the branches at zero the spectrogram passes through
+    MLP computes (log band energies after layer 0 against the first MLP's alone:
+    correlation 0.16, and 0.99 with the branches at zero; ``bench/frontend.py
+    --init-probe``). With the branches at zero the spectrogram passes through
     every layer as computed; each branch grows from zero as its norm weight learns
     (ReZero's and Fixup's zero-init residual branches)."""
     with torch.no_grad():

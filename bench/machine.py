@@ -22,5 +22,6 @@ def describe() -> str:
                 model = val.strip()
             elif key.strip() == "flags":
                 flags = set(val.split())
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["no AMX/AVX512-BF16"]
+    bf16: list[str] = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    bf16 = bf16 or ["no AMX/AVX512-BF16"]
     return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16)}"

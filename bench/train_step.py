@@ -8,12 +8,20 @@ the timed steps (the same batches, so a bf16 that learned worse would show here)
 
     python bench/train_step.py --data-dir data/rawcast-tiny --steps 30 --threads 1
     python bench/train_step.py --sweep-threads 1,2   # fp32 at 1 and 2 threads instead
+    python bench/train_step.py --sweep-procs --steps 40   # rawcast train's --procs 2 against
+                                                          # --threads 1 and --threads 2
+
+``--sweep-procs`` runs ``rawcast train``'s own loop (``train.train``, a throwaway run
+directory each) in each layout, twice in turn, and reads the time per step off the
+run's log after the warmup steps: whole runs, since replicas are processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +44,15 @@ def main() -> None:
         help="compare fp32 steps at these thread counts instead of the precisions "
         "(how much a second core speeds `rawcast train --threads`)",
     )  # fmt: skip
+    ap.add_argument(
+        "--sweep-procs", action="store_true",
+        help="time rawcast train's loop with --procs 2 (1 thread each) against one process "
+        "at 1 and at 2 threads",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.sweep_procs:
+        sweep_procs(args)
+        return
 
     if args.sweep_threads:
         counts = [int(n) for n in args.sweep_threads.split(",")]
@@ -81,6 +97,40 @@ def main() -> None:
             f"| {name} | {med * 1000:.0f} | {base / med:.2f}x | {lo['loss']:.3f} | "
             f"{lo['ce']:.3f} | {lo.get('ctc', float('nan')):.3f} |"
         )
+
+
+def sweep_procs(args: argparse.Namespace) -> None:
+    layouts = {  # name: (procs, threads each)
+        "1 process, 1 thread": (1, 1),
+        "1 process, 2 threads": (1, 2),
+        "2 processes, 1 thread each": (2, 1),
+    }
+    per_step: dict[str, list[float]] = {name: [] for name in layouts}
+    for _round in range(2):
+        for name, (procs, threads) in layouts.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = T.TrainConfig(
+                    steps=args.warmup + args.steps, threads=threads, frontend=args.frontend,
+                    export_every=10**6, max_minutes=10**6,
+                )  # fmt: skip
+                run = Path(tmp) / "run"
+                T.train(args.data_dir, run, Path(tmp) / "out", cfg, D.DataConfig(),
+                        log=lambda _: None, procs=procs)  # fmt: skip
+                recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+                spent = recs[-1]["min"] - recs[args.warmup - 1]["min"]
+                per_step[name].append(60 * spent / args.steps)
+    print(
+        f"# bench/train_step.py --sweep-procs on {describe()}, torch {torch.__version__}, "
+        f"batch {T.TrainConfig().batch}, {args.steps} timed steps after {args.warmup}, "
+        "each layout twice in turn"
+    )
+    names = list(layouts)
+    base = statistics.median(per_step[names[0]])
+    print(f"| layout | s / step (two runs) | speed vs {names[0]} |")
+    print("|---|---|---|")
+    for name, ts in per_step.items():
+        runs = " / ".join(f"{t:.2f}" for t in ts)
+        print(f"| {name} | {runs} | {base / statistics.median(ts):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -507,10 +507,18 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     from rawcast.transports.cli import build_parser
 
     got: list[T.TrainConfig] = []
+    procs_seen: list[int] = []
     monkeypatch.setattr(D, "generate", lambda *a, **k: [])
     monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
-    monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, log: got.append(cfg))
+
+    def train(root: Path, run: Path, out: Path, cfg: T.TrainConfig, dcfg: D.DataConfig, log: Any,
+              procs: int) -> None:  # fmt: skip
+        got.append(cfg)
+        procs_seen.append(procs)
+
+    monkeypatch.setattr(T, "train", train)
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
+    flags += " --procs 2"
     flags += " --caption-corrupt 0.5 --count-weight 0.5"
     shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
     args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
@@ -521,7 +529,9 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     assert cfg.count_weight == 0.5 and T.TrainConfig().count_weight == 0.0
     assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
+    assert procs_seen == [2]
     defaults = build_parser().parse_args(["train"])
+    assert defaults.procs == 1
     assert (defaults.layers, defaults.hidden, defaults.intermediate, defaults.ctc_layer) == (
         T.TrainConfig().layers, T.TrainConfig().hidden, T.TrainConfig().intermediate,
         T.TrainConfig().ctc_layer,
@@ -538,9 +548,14 @@ def test_a_ctc_layer_past_the_model_exits_2_in_one_line(
     assert main(["train", "--layers", "3", "--ctc-layer", "3", "--out", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["rawcast train: the CTC layer (3) must be below the layers (3)"]
+    assert main(["train", "--procs", "3", "--out", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rawcast train: --batch 16 does not split into --procs 3 equal shares"]
 
 
-@pytest.mark.parametrize("flags", ["--layers 1", "--hidden 32", "--ctc-layer -1", "--layers x"])
+@pytest.mark.parametrize(
+    "flags", ["--layers 1", "--hidden 32", "--ctc-layer -1", "--layers x", "--procs 0"]
+)
 def test_a_bad_model_shape_exits_2(flags: str, capsys: pytest.CaptureFixture[str]) -> None:
     from rawcast.transports.cli import build_parser
 

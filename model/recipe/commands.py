@@ -40,6 +40,7 @@ def train_command(
     batch: int = 16,
     max_minutes: float = 70.0,
     threads: int = 1,
+    procs: int = 1,
     frontend: str = "fourier",
     precision: str = "fp32",
     init_from: Path | None = None,
@@ -91,7 +92,7 @@ def train_command(
         align_heads=align_heads,
     )
     out = out_dir if out_dir is not None else default_out()
-    T.train(data_dir, run_dir, out, cfg, dcfg, log=log)
+    T.train(data_dir, run_dir, out, cfg, dcfg, log=log, procs=procs)
     log(f"exported {out}")
     return out
 
@@ -156,6 +157,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train.add_argument("--max-minutes", type=float, default=None, help="default: 70 (drafter: 20)")
     train.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
+    )
+    train.add_argument(
+        "--procs",
+        type=at_least(1),
+        default=1,
+        help="CPU processes that share each batch, --threads each (data-parallel; the "
+        "batches and the run are those of one process): 2 on a 2-core machine",
     )
     train.add_argument(
         "--frontend",
@@ -320,6 +328,7 @@ def _train_model(args: argparse.Namespace) -> None:
         workers=args.workers,
         batch=args.batch,
         threads=args.threads,
+        procs=args.procs,
         frontend=args.frontend,
         precision=args.precision,
         init_from=args.init_from,

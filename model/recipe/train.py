@@ -66,6 +66,7 @@ from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import scenes, speech
 from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
+from rawcast.model.recipe.replicas import Replicas, launch
 from rawcast.model.tokenizer import Tokenizer
 
 FRAME = 640
@@ -287,16 +288,23 @@ def corrupt_colours(
     return out
 
 
+def caption_noise(rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """The faint noise a caption example's prompt carries after the picture (half of
+    them none), drawn from the batch's stream."""
+    n_after = int(rng.integers(0, 20)) if rng.random() < 0.5 else 0
+    return (rng.standard_normal(n_after * FRAME) * 10 ** rng.uniform(-4, -2)).astype(np.float32)
+
+
 def caption_example(
     fmt: PromptFormat, seed: int, index: int, rng: np.random.Generator, corrupt: float = 0.0
 ) -> Example:
     from rawcast.pipeline.vision import patch_image
 
+    noise = caption_noise(rng)
+    n_after = noise.size // FRAME
     img, cap, labels = scenes.labelled_scene(seed, index)
     grid = patch_image(img, max_soft_tokens=IMAGE_BUDGET)
     tok = fmt.tok
-    n_after = int(rng.integers(0, 20)) if rng.random() < 0.5 else 0
-    noise = (rng.standard_normal(n_after * FRAME) * 10 ** rng.uniform(-4, -2)).astype(np.float32)
     head = [*fmt.stream_prefix(), *fmt.image_block(grid.num_cells)]
     head += [tok.ids.audio] * n_after + fmt.branch("caption")
     body = tok.encode(cap)
@@ -348,15 +356,28 @@ class Corpus:
 
 
 def make_batch(
-    fmt: PromptFormat, corpus: Corpus, cfg: TrainConfig, step: int, lex: Lexicon | None = None
+    fmt: PromptFormat,
+    corpus: Corpus,
+    cfg: TrainConfig,
+    step: int,
+    lex: Lexicon | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> list[Example]:
+    """Step ``step``'s batch: a function of the seed and the step only. ``part=(r, n)``
+    makes only the examples ``b`` with ``b % n == r`` (a replica's share, ``--procs``),
+    drawing the same random numbers for the others, so the shares of the n replicas
+    are the single process's batch, example for example."""
     rng = np.random.default_rng([cfg.seed, 7, step])
     out: list[Example] = []
     for b in range(cfg.batch):
+        mine = b % part[1] == part[0]
         task = ("transcribe", "translate", "caption")[int(rng.choice(3, p=cfg.task_mix))]
         if task == "caption":
             index = step * cfg.batch + b
-            out.append(caption_example(fmt, cfg.seed, index, rng, cfg.caption_corrupt))
+            if mine:
+                out.append(caption_example(fmt, cfg.seed, index, rng, cfg.caption_corrupt))
+            else:  # the draws it would have made, without the rendering
+                caption_noise(rng)
             continue
         shard, i = corpus.sample(rng, grammar_only=task == "translate")
         audio = shard.clip_audio(i)
@@ -368,6 +389,8 @@ def make_batch(
             audio, target = truncated(audio, meta["text"], shard.clip_ends(i), rng)
         else:
             target = meta["text"]
+        if not mine:  # what follows draws from streams of its own (or none)
+            continue
         if cfg.voice_shift > 0:  # its own stream: the batches of a run without it stay put
             rng_b = np.random.default_rng([cfg.seed, 11, step, b])
             n = audio.size
@@ -892,8 +915,10 @@ class RunState:
         desc: str = "train",
         shown: Sequence[str] = ("loss",),
         log: Any = print,
+        writer: bool = True,
     ) -> None:
         self.file = run_dir / "state.pt"
+        self.writer = writer  # False: another replica's (``--procs``): counts steps only
         self.logfile = run_dir / "log.jsonl"
         self.parts = parts  # name -> module or optimizer (anything with state_dict())
         self.cfg = cfg
@@ -919,8 +944,11 @@ class RunState:
             for name, part in self.parts.items():
                 part.load_state_dict(st[name])
             self.step, self.spent = int(st["step"]), float(st.get("minutes", 0.0))
-            self.log(f"resumed from {self.file} at step {self.step}")
+            if self.writer:
+                self.log(f"resumed from {self.file} at step {self.step}")
         self.t0 = time.time()
+        if not self.writer:
+            return
         tqdm = importlib.import_module("tqdm").tqdm  # untyped; imported here (an optional extra)
         self.bar = tqdm(
             total=self.cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True,
@@ -947,6 +975,8 @@ class RunState:
         """After a step: count it, log it, save and export when due. False once the time
         budget is spent (the state is saved first)."""
         self.step += 1
+        if not self.writer:
+            return True
         for k, v in vals.items():
             self.ema[k] = v if k not in self.ema else 0.95 * self.ema[k] + 0.05 * v
         self.bar.update(1)
@@ -991,11 +1021,14 @@ class Trainer:
     corpus: Corpus
     lex: Lexicon | None
     chead: nn.Linear | None = None  # only with ``count_weight`` (runs without it resume as before)
+    replicas: Replicas | None = None  # ``--procs``: this process's share and the group
 
     def batch(self, step: int) -> list[Example]:
         if step % 100 == 0:
             self.corpus.refresh()
-        return make_batch(self.fmt, self.corpus, self.cfg, step, self.lex)
+        rep = self.replicas
+        part = (rep.rank, rep.world) if rep is not None else (0, 1)
+        return make_batch(self.fmt, self.corpus, self.cfg, step, self.lex, part)
 
     def step(self, batch: Sequence[Example], lr: float) -> tuple[dict[str, float], float]:
         """One optimizer step at ``lr``: the losses and the gradient norm (before clipping)."""
@@ -1005,6 +1038,8 @@ class Trainer:
             out = losses(self.model, self.head, batch, self.cfg, self.vhead, self.chead)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        if self.replicas is not None:
+            self.replicas.average_grads(self.params)
         gn = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         return {k: float(v.detach()) for k, v in out.items()}, float(gn)
@@ -1025,11 +1060,8 @@ def run_tokenizer(
     return load_tokenizer(data_root, dcfg)
 
 
-def build(
-    data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig, run_dir: Path | None = None
-) -> Trainer:
-    """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``;
-    the tokenizer is ``run_tokenizer``'s."""
+def check(cfg: TrainConfig) -> None:
+    """Refuse a config no run can start from (``RunError``: the CLI's one line)."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}: {', '.join(PRECISIONS)}")
     if not 0 <= cfg.ctc_layer < cfg.layers:
@@ -1037,6 +1069,14 @@ def build(
     bad = [i for i in cfg.align_layers if not -cfg.layers <= i < cfg.layers]
     if bad:
         raise RunError(f"--align-layers {bad[0]} is not a layer of a {cfg.layers}-layer model")
+
+
+def build(
+    data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig, run_dir: Path | None = None
+) -> Trainer:
+    """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``;
+    the tokenizer is ``run_tokenizer``'s."""
+    check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1099,6 +1139,10 @@ def _load_same_shape(src: Path, module: nn.Module, state: dict[str, torch.Tensor
         ) from e
 
 
+LOGGED = ("loss", "ce", "ce_transcribe", "ce_translate", "ce_caption", "ctc", "vision", "count",
+          "align")  # fmt: skip  # every value ``losses`` may return
+
+
 def train(
     data_root: Path,
     run_dir: Path,
@@ -1106,18 +1150,47 @@ def train(
     cfg: TrainConfig,
     dcfg: D.DataConfig,
     log: Any = print,
+    procs: int = 1,
 ) -> Path:
-    """Train (or resume) and export to ``out_dir``. Returns ``out_dir``."""
+    """Train (or resume) and export to ``out_dir``. Returns ``out_dir``. ``procs > 1``:
+    that many CPU processes share each batch (``replicas``); the run, its state and its
+    checkpoints are the same as one process's, so either may resume the other."""
+    if procs > 1:
+        if torch.cuda.is_available():
+            raise RunError("--procs splits batches over CPU processes: with a GPU leave it at 1")
+        if cfg.batch % procs:
+            raise RunError(f"--batch {cfg.batch} does not split into --procs {procs} equal shares")
+        check(cfg)
+        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, log)
+    else:
+        _train(None, data_root, run_dir, out_dir, cfg, dcfg, log)
+    return out_dir
+
+
+def _train(
+    rep: Replicas | None,
+    data_root: Path,
+    run_dir: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    dcfg: D.DataConfig,
+    log: Any,
+) -> None:
+    leader = rep is None or rep.leader
+    if not leader:
+        log = _quiet
     run_dir.mkdir(parents=True, exist_ok=True)
     tr = build(data_root, cfg, dcfg, run_dir)
-    if not (run_dir / "tokenizer.json").exists():
+    tr.replicas = rep
+    if leader and not (run_dir / "tokenizer.json").exists():
         tr.fmt.tok.save(run_dir / "tokenizer.json")
     model = tr.model
     n = sum(p.numel() for p in model.parameters())
     mb = 4 * n / 2**20
     over = f": above the {MAX_CHECKPOINT_MB} MB bound for rawcast-tiny" * (mb > MAX_CHECKPOINT_MB)
     shape = f"{cfg.layers} layers, hidden {cfg.hidden}"
-    log(f"model: {shape}, {n / 1e6:.1f}M parameters, {mb:.0f} MB in fp32{over}")
+    procs = f", {rep.world} processes" if rep is not None else ""
+    log(f"model: {shape}, {n / 1e6:.1f}M parameters, {mb:.0f} MB in fp32{over}{procs}")
 
     def save_model() -> None:
         model.eval()
@@ -1129,19 +1202,30 @@ def train(
         parts["count_head"] = tr.chead
     parts["opt"] = tr.opt
     shown = ("loss", "ce", "ctc", "vision", "count", "align")  # those the run computes
-    run = RunState(run_dir, parts, cfg, save_model, shown=shown, log=log)
+    run = RunState(run_dir, parts, cfg, save_model, shown=shown, log=log, writer=leader)
     if cfg.init_from and run.file.exists():
         log(f"{run.file} exists: resuming it (--init-from starts a new run only)")
     run.resume(tr.device)
-    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if leader:
+        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model.train()
     while run.running():
-        lr = run.lr()
+        lr = run.lr() if rep is None else rep.leaders(run.lr())[0]  # rank 0 owns the clock
         vals, gn = tr.step(tr.batch(run.step), lr)
-        if not run.record(vals, lr=lr, gnorm=gn):
+        if rep is not None:
+            vals = rep.mean_values(vals, LOGGED)
+        go = run.record(vals, lr=lr, gnorm=gn)
+        if rep is not None:
+            go = bool(rep.leaders(float(go))[0])
+            if (run.step % cfg.export_every == 0 or not go) and not rep.in_sync(tr.params):
+                raise RuntimeError(f"the replicas' weights differ at step {run.step}")
+        if not go:
             break
     run.close()
-    return out_dir
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def seed_everything(seed: int) -> None:

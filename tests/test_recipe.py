@@ -518,7 +518,7 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(T, "train", train)
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
-    flags += " --procs 2"
+    flags += " --procs 2 --voice-warp 0.4"
     flags += " --caption-corrupt 0.5 --count-weight 0.5"
     shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
     args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
@@ -529,7 +529,7 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     assert cfg.count_weight == 0.5 and T.TrainConfig().count_weight == 0.0
     assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
-    assert procs_seen == [2]
+    assert procs_seen == [2] and cfg.voice_warp == 0.4 and T.TrainConfig().voice_warp == 0.0
     defaults = build_parser().parse_args(["train"])
     assert defaults.procs == 1
     assert (defaults.layers, defaults.hidden, defaults.intermediate, defaults.ctc_layer) == (

@@ -48,6 +48,7 @@ def train_command(
     lr: float = 2e-3,
     vision_weight: float = 0.5,
     voice_shift: float = 0.0,
+    voice_warp: float = 0.0,
     caption_corrupt: float = 0.0,
     count_weight: float = 0.0,
     ctc_weight: float = 1.0,
@@ -80,6 +81,7 @@ def train_command(
         lr=lr,
         vision_weight=vision_weight,
         voice_shift=voice_shift,
+        voice_warp=voice_warp,
         caption_corrupt=caption_corrupt,
         count_weight=count_weight,
         ctc_weight=ctc_weight,
@@ -252,6 +254,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "pitch and tempo together: voices the synthesisers do not have); default 0",
     )
     train.add_argument(
+        "--voice-warp",
+        type=share,
+        default=0.0,
+        help="share of speech examples whose formants move by 0.85-1.18x at training time, "
+        "pitch and timing kept (a vocal tract the voice does not have); default 0",
+    )
+    train.add_argument(
         "--caption-corrupt",
         type=share,
         default=0.0,
@@ -336,6 +345,7 @@ def _train_model(args: argparse.Namespace) -> None:
         lr=args.lr,
         vision_weight=args.vision_weight,
         voice_shift=args.voice_shift,
+        voice_warp=args.voice_warp,
         caption_corrupt=args.caption_corrupt,
         count_weight=args.count_weight,
         ctc_weight=args.ctc_weight,

@@ -64,7 +64,7 @@ from rawcast.model.gemma4 import (
 from rawcast.model.prompt import PromptFormat
 from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
-from rawcast.model.recipe import scenes, speech
+from rawcast.model.recipe import scenes, speech, warp
 from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
 from rawcast.model.recipe.replicas import Replicas, launch
 from rawcast.model.tokenizer import Tokenizer
@@ -186,6 +186,7 @@ class TrainConfig:
     threads: int = 1  # 0: torch's default
     vision_weight: float = 0.5  # the training-only per-cell colour/shape loss
     voice_shift: float = 0.0  # share of speech examples resampled as a shorter/longer voice
+    voice_warp: float = 0.0  # share of speech examples with their formants moved (warp.py)
     caption_corrupt: float = 0.0  # share of caption colour words fed as another colour
     count_weight: float = 0.0  # the training-only per-cell group-count loss (0: no count head)
     align_weight: float = 0.0  # the training-only guided-attention loss (align.py; 0: off)
@@ -396,6 +397,9 @@ def make_batch(
             n = audio.size
             audio = voice_shift(audio, rng_b, cfg.voice_shift)
             ends = [e * audio.size // max(1, n) for e in ends] if ends else ends
+        if cfg.voice_warp > 0:  # a stream of its own too; nothing moves in time
+            audio = warp.voice_warp(audio, np.random.default_rng([cfg.seed, 17, step, b]),
+                                    cfg.voice_warp)  # fmt: skip
         lex_t = lex if task == "transcribe" else None
         aligned = ends if cfg.align_weight > 0 else None
         out.append(speech_example(fmt, audio, target, task, lex_t, aligned))

@@ -52,6 +52,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         },
     },
     "fixed": {"autoscaling": {"mode": "none"}, "podDisruptionBudget": {"enabled": False}},
+    "turn-secret": {
+        "webrtc": {
+            "iceServers": ["turns:turn.example.org:5349"],
+            "turn": {
+                "existingSecret": "coturn",
+                "authSecretKey": "static-auth-secret",
+                "ttlSeconds": 3600,
+            },
+        },
+    },
 }
 
 
@@ -225,8 +235,14 @@ def test_container_args_and_env_are_what_rawcast_serve_reads(
     else:
         assert args.device == "cpu" and "nvidia.com/gpu" not in c["resources"].get("limits", {})
         assert c["image"].endswith(":" + values["image"]["tag"])
+    if scenario == "turn-secret":  # the shared secret, never a static password
+        assert args.turn_secret == "secret:coturn/static-auth-secret" and args.turn_ttl == 3600
+        assert args.turn_credential is None
+    else:
+        assert args.turn_secret is None
     consumed = {"RAWCAST_HOST", "RAWCAST_DEVICE", "RAWCAST_API_KEYS", "RAWCAST_ICE_SERVERS",
-                "RAWCAST_TURN_USERNAME", "RAWCAST_TURN_CREDENTIAL"}  # fmt: skip
+                "RAWCAST_TURN_USERNAME", "RAWCAST_TURN_CREDENTIAL", "RAWCAST_TURN_SECRET",
+                "RAWCAST_TURN_TTL"}  # fmt: skip
     assert {n for n in env if n.startswith("RAWCAST_")} <= consumed
     assert env["OMP_NUM_THREADS"] == str(values["server"]["torchThreads"])
     assert int(env["OMP_NUM_THREADS"]) == int(c["resources"]["requests"]["cpu"])

@@ -28,7 +28,7 @@ from rawcast.pipeline.engine import Engine, EngineConfig
 from rawcast.pipeline.vad import SileroModel
 from rawcast.transports.app import AppState, create_app
 from rawcast.transports.settings import ServerSettings
-from rawcast.transports.webrtc import calls_of, rtc_configuration
+from rawcast.transports.webrtc import calls_of, ice_servers, rtc_configuration, turn_credentials
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -385,6 +385,54 @@ async def test_bad_offers_get_4xx_with_a_message_and_the_server_goes_on(server: 
         assert r.status_code == 201 and r.text.startswith("v=0")
         assert (await client.delete(r.headers["location"], headers=AUTH)).status_code == 200
     await _wait_freed(server)
+
+
+def test_a_turn_secret_mints_expiring_credentials_per_client() -> None:
+    """``--turn-secret``: each call gets a username ``<expiry>:<user>`` and the base64
+    HMAC-SHA1 of it under the secret (what coturn's use-auth-secret checks), on TURN
+    URLs only; the page's config, the WHIP Link headers and the server's own peer all
+    take them from ``ice_servers``."""
+    import base64
+    import hashlib
+    import hmac
+
+    settings = ServerSettings(
+        ice_servers=("stun:stun.example.org:3478", "turns:turn.example.org:5349"),
+        turn_secret="s3cret", turn_ttl_s=600,
+    )  # fmt: skip
+    stun, turn = ice_servers(settings, now=1_800_000_000)
+    assert stun == {"urls": ["stun:stun.example.org:3478"]}
+    assert turn["username"] == "1800000600:rawcast"
+    want = hmac.new(b"s3cret", b"1800000600:rawcast", hashlib.sha1).digest()
+    assert base64.b64decode(turn["credential"]) == want
+    assert turn_credentials("s3cret", "rawcast", 600, now=1_800_000_000) == (
+        turn["username"], turn["credential"],
+    )  # fmt: skip
+    later = ice_servers(settings, now=1_800_000_100)[1]
+    assert later["username"] == "1800000700:rawcast" and later["credential"] != turn["credential"]
+    named = ServerSettings(ice_servers=settings.ice_servers, turn_secret="s3cret",
+                           turn_username="alice")  # fmt: skip
+    assert ice_servers(named)[1]["username"].endswith(":alice")
+    peer = rtc_configuration(settings).iceServers[1]
+    expiry, user = peer.username.split(":")
+    assert user == "rawcast" and 0 < int(expiry) - time.time() <= 600
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--turn-secret", "a", "--turn-credential", "b"], "--turn-secret or --turn-credential"),
+        (["--turn-secret", "a", "--turn-ttl", "0"], "--turn-ttl must be"),
+    ],
+)
+def test_contradictory_turn_flags_exit_2_in_one_line(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rawcast.transports.cli import main
+
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
 
 
 async def test_options_advertises_ice_servers_and_patch_trickles(server: Server) -> None:

@@ -66,6 +66,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--turn-username", default=os.environ.get("RAWCAST_TURN_USERNAME"))
     serve.add_argument("--turn-credential", default=os.environ.get("RAWCAST_TURN_CREDENTIAL"))
     serve.add_argument(
+        "--turn-secret", default=os.environ.get("RAWCAST_TURN_SECRET"),
+        help="the TURN server's shared secret (coturn use-auth-secret): each client gets "
+        "credentials of its own that expire after --turn-ttl, instead of --turn-credential "
+        "(env RAWCAST_TURN_SECRET)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--turn-ttl", type=int, default=os.environ.get("RAWCAST_TURN_TTL", "86400"),
+        help="seconds minted TURN credentials stay valid (env RAWCAST_TURN_TTL)",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-sessions-per-key", type=int,
         default=os.environ.get("RAWCAST_MAX_SESSIONS_PER_KEY", "0"),
         help="sessions one API key may hold; 0: no limit (env RAWCAST_MAX_SESSIONS_PER_KEY)",
@@ -92,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, api_keys=tuple(args.api_key),
         allowed_origins=tuple(args.allowed_origin), ice_servers=tuple(args.ice_server),
         turn_username=args.turn_username, turn_credential=args.turn_credential,
+        turn_secret=args.turn_secret, turn_ttl_s=args.turn_ttl,
         max_sessions_per_key=args.max_sessions_per_key, drain_timeout_s=args.drain_timeout,
         vad=not args.no_vad, drafter=args.drafter, compile=args.compile,
     )  # fmt: skip
@@ -101,6 +112,12 @@ def _serve(args: argparse.Namespace) -> int:
         resolve(settings.model)
     except CheckpointError as e:
         print(f"rawcast serve: {e}", file=sys.stderr)
+        return 2
+    if settings.turn_secret is not None and settings.turn_credential is not None:
+        print("rawcast serve: give --turn-secret or --turn-credential, not both", file=sys.stderr)
+        return 2
+    if settings.turn_ttl_s <= 0:
+        print("rawcast serve: --turn-ttl must be a number of seconds above 0", file=sys.stderr)
         return 2
     if settings.backend == "onnx" and settings.dtype != "fp32":
         print("rawcast serve: --backend onnx runs fp32 graphs: use --dtype fp32", file=sys.stderr)

@@ -25,6 +25,10 @@ class ServerSettings:
     ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs advertised to WebRTC clients
     turn_username: str | None = None
     turn_credential: str | None = None
+    # A TURN server's shared secret (coturn's static-auth-secret): each client gets its own
+    # credentials that expire after turn_ttl_s, instead of the static pair above.
+    turn_secret: str | None = None
+    turn_ttl_s: int = 86_400
     drain_timeout_s: float = 30.0
     vad: bool = True
     extra: dict[str, str] = field(default_factory=dict)

@@ -40,7 +40,10 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -111,16 +114,36 @@ class RequestError(Exception):
 # --- ICE servers ------------------------------------------------------------------------
 
 
-def ice_servers(settings: ServerSettings) -> list[dict[str, Any]]:
-    """The ICE servers as WebRTC ``RTCIceServer`` dicts (credentials on TURN only)."""
+def ice_servers(settings: ServerSettings, now: float | None = None) -> list[dict[str, Any]]:
+    """The ICE servers as WebRTC ``RTCIceServer`` dicts (credentials on TURN only): with a
+    ``turn_secret``, credentials minted for this call (``turn_credentials``), else the
+    static username and credential."""
     out: list[dict[str, Any]] = []
+    creds: tuple[str, str] | None = None
+    if settings.turn_secret is not None:
+        name = settings.turn_username or "rawcast"
+        creds = turn_credentials(settings.turn_secret, name, settings.turn_ttl_s, now)
+    elif settings.turn_username is not None:
+        creds = (settings.turn_username, settings.turn_credential or "")
     for url in settings.ice_servers:
         server: dict[str, Any] = {"urls": [url]}
-        if url.startswith(("turn:", "turns:")) and settings.turn_username is not None:
-            server["username"] = settings.turn_username
-            server["credential"] = settings.turn_credential or ""
+        if url.startswith(("turn:", "turns:")) and creds is not None:
+            server["username"], server["credential"] = creds
         out.append(server)
     return out
+
+
+def turn_credentials(
+    secret: str, user: str, ttl_s: int, now: float | None = None
+) -> tuple[str, str]:
+    """Time-limited TURN credentials of the TURN REST API scheme that coturn checks with
+    ``use-auth-secret``: the username is ``<expiry unix time>:<user>``, the password the
+    base64 HMAC-SHA1 of the username under the shared secret. The TURN server needs no
+    list of users, and a credential copied out of a page stops working at its expiry."""
+    expiry = int(time.time() if now is None else now) + ttl_s
+    username = f"{expiry}:{user}"
+    mac = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(mac).decode()
 
 
 def link_headers(settings: ServerSettings) -> list[str]:

@@ -117,7 +117,9 @@ def test_a_two_process_run_is_the_mean_of_its_shares_and_either_resumes_it(
     dcfg = _training_slice(tmp_path)
     cfg = T.TrainConfig(**{**SMALL, "batch": 4}, steps=3, lr=1e-3, warmup=1)
     logs: list[str] = []
-    T.train(tmp_path, tmp_path / "two", tmp_path / "out", cfg, dcfg, log=logs.append, procs=2)
+    # a closure: rank 0 logs in this process, the callback is never pickled
+    T.train(tmp_path, tmp_path / "two", tmp_path / "out", cfg, dcfg,
+            log=lambda line: logs.append(line), procs=2)  # fmt: skip
     assert any(line.endswith(", 2 processes") for line in logs)
     recs = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]

@@ -111,11 +111,14 @@ def _entry(rank: int, world: int, tmp: str, fn: Callable[..., Any], args: tuple[
         dist.destroy_process_group()
 
 
-def launch(procs: int, fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(replicas, *args)`` as rank 0 in this process (its log, progress bar
-    and errors stay here) and as ranks 1.. in ``procs - 1`` spawned processes
-    (picklable ``fn`` and ``args``), and wait for all. Whichever rank failed first,
-    its error is raised here as it was (a ``RunError`` stays one); the others stop."""
+def launch(
+    procs: int, fn: Callable[..., Any], *args: Any, leader: dict[str, Any] | None = None
+) -> None:
+    """Run ``fn(replicas, *args)`` as rank 0 in this process, with the keyword
+    arguments ``leader`` too (a log callback, say: it stays here, unpickled), and as
+    ranks 1.. in ``procs - 1`` spawned processes (picklable ``fn`` and ``args``), and
+    wait for all. Whichever rank failed first, its error is raised here as it was (a
+    ``RunError`` stays one); the others stop."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -129,7 +132,7 @@ def launch(procs: int, fn: Callable[..., Any], *args: Any) -> None:
         try:
             rep = _join(0, procs, tmp)
             try:
-                fn(rep, *args)
+                fn(rep, *args, **(leader or {}))
             finally:
                 dist.destroy_process_group()
         except BaseException as e:

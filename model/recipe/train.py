@@ -1165,7 +1165,7 @@ def train(
         if cfg.batch % procs:
             raise RunError(f"--batch {cfg.batch} does not split into --procs {procs} equal shares")
         check(cfg)
-        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, log)
+        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, leader={"log": log})
     else:
         _train(None, data_root, run_dir, out_dir, cfg, dcfg, log)
     return out_dir
@@ -1178,10 +1178,10 @@ def _train(
     out_dir: Path,
     cfg: TrainConfig,
     dcfg: D.DataConfig,
-    log: Any,
+    log: Any = None,
 ) -> None:
     leader = rep is None or rep.leader
-    if not leader:
+    if log is None or not leader:  # the other replicas stay quiet
         log = _quiet
     run_dir.mkdir(parents=True, exist_ok=True)
     tr = build(data_root, cfg, dcfg, run_dir)

@@ -165,7 +165,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=at_least(1),
         default=1,
         help="CPU processes that share each batch, --threads each (data-parallel; the "
-        "batches and the run are those of one process): 2 on a 2-core machine",
+        "batches and the run are those of one process); on the 2-core VM --threads 2 was "
+        "faster (bench/train_step.py --sweep-procs)",
     )
     train.add_argument(
         "--frontend",

@@ -13,8 +13,10 @@ Design decisions:
 - Rank 0 alone logs, saves and exports; it also owns the clock, so the learning rate
   and the stop on the time budget are broadcast from it. ``in_sync`` checks at every
   save that the replicas still hold the same weights.
-- Why processes and not threads: two 1-thread processes on the 2-core VM do about
-  twice the work of one, where ``--threads 2`` gave 1.57x (``bench/train_step.py``).
+- Measured on the 2-core VM (``bench/train_step.py --sweep-procs``), two 1-thread
+  processes ran at 1.52x one, below ``--threads 2``'s 1.61x, so the recipe uses threads
+  there; processes (``--threads`` each) are for machines with more cores, where they
+  were not measured.
 """
 
 from __future__ import annotations

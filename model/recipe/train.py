@@ -975,6 +975,11 @@ class RunState:
         tmp.replace(self.file)
         self.export()
 
+    def save_due(self) -> bool:
+        """Whether the step just counted saves and exports (every ``export_every`` and the
+        last)."""
+        return self.step % self.cfg.export_every == 0 or self.step == self.cfg.steps
+
     def record(self, vals: dict[str, float], **extra: float) -> bool:
         """After a step: count it, log it, save and export when due. False once the time
         budget is spent (the state is saved first)."""
@@ -988,7 +993,7 @@ class RunState:
         rec = {"step": self.step, **extra, "min": self.minutes(), **vals}
         with self.logfile.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.step % self.cfg.export_every == 0 or self.step == self.cfg.steps:
+        if self.save_due():
             self.save()
             self.log(f"step {self.step}: " + " ".join(f"{k}={v:.3f}" for k, v in self.ema.items()))
         if self.minutes() > self.cfg.max_minutes:
@@ -1193,8 +1198,8 @@ def _train(
     mb = 4 * n / 2**20
     over = f": above the {MAX_CHECKPOINT_MB} MB bound for rawcast-tiny" * (mb > MAX_CHECKPOINT_MB)
     shape = f"{cfg.layers} layers, hidden {cfg.hidden}"
-    procs = f", {rep.world} processes" if rep is not None else ""
-    log(f"model: {shape}, {n / 1e6:.1f}M parameters, {mb:.0f} MB in fp32{over}{procs}")
+    across = f", {rep.world} processes" if rep is not None else ""
+    log(f"model: {shape}, {n / 1e6:.1f}M parameters, {mb:.0f} MB in fp32{over}{across}")
 
     def save_model() -> None:
         model.eval()
@@ -1221,7 +1226,7 @@ def _train(
         go = run.record(vals, lr=lr, gnorm=gn)
         if rep is not None:
             go = bool(rep.leaders(float(go))[0])
-            if (run.step % cfg.export_every == 0 or not go) and not rep.in_sync(tr.params):
+            if (run.save_due() or not go) and not rep.in_sync(tr.params):
                 raise RuntimeError(f"the replicas' weights differ at step {run.step}")
         if not go:
             break

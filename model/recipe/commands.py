@@ -279,7 +279,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train.add_argument(
         "--target", default="rawcast-tiny", help="with --drafter: the model it drafts for"
     )
-    train.set_defaults(func=_train)
+    train.add_argument(
+        "--recipe", default=None, metavar="NAME|FILE",
+        help="run a list of phases, each from the one before, as one resumable command: "
+        "'shipped' (the phases that made the bundled checkpoint) or a JSON file "
+        "(model/recipe/phases.py); each phase runs in RUN_DIR/NN-name, and the phases set "
+        "the training flags (--steps, --lr, --task-mix, ...)",
+    )  # fmt: skip
+    per_phase = {a.dest: a.default for a in train._actions if a.dest in RECIPE_SETS}
+    train.set_defaults(func=_train, recipe_sets=per_phase)
 
     ev = sub.add_parser("eval", help="WER, chrF and caption accuracy on held-out data")
     ev.add_argument("--model", default="rawcast-tiny", help="bundled name or checkpoint dir")
@@ -306,7 +314,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.set_defaults(func=_eval, default_log_level="warning")
 
 
+RECIPE_SETS = frozenset({
+    "steps", "max_minutes", "batch", "lr", "task_mix", "vision_weight", "voice_shift",
+    "voice_warp", "caption_corrupt", "count_weight", "ctc_weight", "align_weight",
+    "align_layers", "align_heads", "frontend", "precision", "layers", "hidden", "intermediate",
+    "ctc_layer", "init_from", "drafter",
+})  # fmt: skip  # what a --recipe's phases decide (phases.PHASE_KEYS and the rest)
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.recipe is not None:
+        given = [k for k, v in args.recipe_sets.items() if getattr(args, k) != v]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            print(f"rawcast train: --recipe sets each phase's {flag}: drop it (or write "
+                  "a recipe file with the phases you want)", file=sys.stderr)  # fmt: skip
+            return 2
     if args.drafter:
         from rawcast.model.recipe import drafter_train as DT
 
@@ -321,11 +344,27 @@ def _train(args: argparse.Namespace) -> int:
     from rawcast.model.recipe.train import RunError
 
     try:
-        _train_model(args)
+        if args.recipe is not None:
+            _train_recipe(args)
+        else:
+            _train_model(args)
     except RunError as e:
         print(f"rawcast train: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _train_recipe(args: argparse.Namespace) -> None:
+    from rawcast.model.recipe import phases as P
+
+    recipe = P.load(args.recipe)
+    shared = dict(
+        data_dir=args.data_dir, seed=args.seed, train_clips=args.train_clips,
+        workers=args.workers, threads=args.threads, procs=args.procs,
+    )  # fmt: skip
+    out = args.out if args.out is not None else default_out()
+    P.run(recipe, args.run_dir or DEFAULT_RUN, out,
+          lambda **phase: train_command(**shared, **phase))  # fmt: skip
 
 
 def _train_model(args: argparse.Namespace) -> None:

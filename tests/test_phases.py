@@ -129,6 +129,7 @@ def test_a_recipe_file_gives_its_phases(tmp_path: Path) -> None:
     [
         (["--recipe", "shipped", "--lr", "1e-3"], "--recipe sets each phase's --lr: drop it"),
         (["--recipe", "shipped", "--steps", "10"], "--recipe sets each phase's --steps"),
+        (["--recipe", "shipped", "--drafter"], "--recipe trains the model, not its drafter"),
         (["--recipe", "nothing-here"], "--recipe nothing-here: neither a recipe name (shipped)"),
     ],
 )

@@ -325,6 +325,10 @@ RECIPE_SETS = frozenset({
 def _train(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         given = [k for k, v in args.recipe_sets.items() if getattr(args, k) != v]
+        if "drafter" in given:
+            print("rawcast train: --recipe trains the model, not its drafter: run "
+                  "`rawcast train --drafter` after it", file=sys.stderr)  # fmt: skip
+            return 2
         if given:
             flag = "--" + given[0].replace("_", "-")
             print(f"rawcast train: --recipe sets each phase's {flag}: drop it (or write "

@@ -19,9 +19,10 @@ from tiny_model import fixture_pcm
 
 from rawcast.model.gemma4 import Gemma4Unified
 from rawcast.model.loader import load
+from rawcast.model.prompt import PromptFormat
 from rawcast.model.recipe import baselines as B
 from rawcast.model.recipe import data as D
-from rawcast.model.recipe import speech
+from rawcast.model.recipe import decode, speech
 from rawcast.model.recipe.commands import eval_command
 from rawcast.model.recipe.evaluate import caption_error, chrf, conditions, evaluate, summary, wer
 from rawcast.model.recipe.streamed import StreamConfig
@@ -224,6 +225,47 @@ def test_streamed_mode_skips_the_offline_pass(
     r = eval_command(data_dir=data_dir, mode="streamed", baselines=False, log=_skip)
     assert r["streamed"]["wer"] is not None and "wer_heldout_voices" not in r
     assert summary(r).startswith("clips: 2 (streamed)\nWER held-out voices: streamed ")
+
+
+def test_offline_pass_scores_each_clip_again_with_a_camera_frame_mid_utterance(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call with video: each held-out clip is transcribed (and, with a Spanish
+    reference, translated) again with a held-out scene halfway through its audio, and
+    ``with_camera`` scores those decodes against the same references."""
+    real = decode.transcribe
+    calls: list[tuple[str, bool, str]] = []
+
+    def spy(model: Gemma4Unified, audio: Any, task: str = "transcribe", picture: Any = None) -> str:
+        out = real(model, audio, task, picture)
+        calls.append((task, picture is not None, out))
+        return out
+
+    monkeypatch.setattr("rawcast.model.recipe.evaluate.decode.transcribe", spy)
+    r = eval_command(data_dir=data_dir, n_scenes=0, mode="offline", baselines=False, log=_skip)
+    cam = [(task, out) for task, pic, out in calls if pic]
+    assert [t for t, _ in cam] == ["transcribe", "translate", "transcribe"]
+    refs = [m["text"] for m, _, _ in _clips(data_dir)]
+    assert r["with_camera"]["wer"] == wer(refs, [o for t, o in cam if t == "transcribe"])
+    es = next(m["es"] for m, _, _ in _clips(data_dir) if m["es"])
+    assert r["with_camera"]["chrf_en_es"] == chrf([es], [cam[1][1]])
+    line = f"with a camera frame mid-utterance (offline): WER {100 * r['with_camera']['wer']:.1f}%"
+    assert line in summary(r)
+
+
+def test_a_camera_frame_goes_between_the_audio_frames_the_engine_saw_before_it() -> None:
+    """``decode.prompt_ids(image_after=k)``: k audio placeholders, the image block that
+    closes and reopens the audio span, the rest of the audio, then the branch."""
+    tok = load("rawcast-tiny").tokenizer
+    assert tok is not None
+    fmt = PromptFormat(tok)
+    head, branch = decode.prompt_ids(fmt, 5, "transcribe", n_cells=3, image_after=2)
+    ids = tok.ids
+    pre = fmt.stream_prefix()
+    assert head == [*pre, ids.audio, ids.audio, *fmt.image_block(3), *[ids.audio] * 3]
+    assert head[len(pre) + 2] == ids.eoa and branch == fmt.branch("transcribe")
+    late, _ = decode.prompt_ids(fmt, 5, "transcribe", 3, image_after=9)  # after them all
+    assert late == [*pre, *[ids.audio] * 5, *fmt.image_block(3)]
 
 
 def test_seen_clips_score_training_clips_beside_the_held_out_ones(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import shutil
 import wave
@@ -707,6 +708,65 @@ def test_voice_shift_changes_the_audio_of_a_batch_and_nothing_else(tmp_path: Pat
             else:
                 assert x.audio is not None and y.audio is not None
                 assert x.audio.shape != y.audio.shape or not np.array_equal(x.audio, y.audio)
+
+
+@needs_espeak
+def test_mixed_examples_put_both_modalities_in_one_segment(tmp_path: Path) -> None:
+    """``--mixed``: a transcription or translation gets a camera frame's patch grid amid
+    its audio and a caption gets speech before its picture (a call with a camera, as the
+    engine interleaves them); the targets and the CTC labels stay those of the plain batch,
+    every audio and image placeholder has its frame or cell, and the step trains."""
+    dcfg = _training_slice(tmp_path)
+    tr = T.build(tmp_path, T.TrainConfig(**SMALL), dcfg)
+    ids = tr.fmt.tok.ids
+    plain = T.TrainConfig(**{**SMALL, "batch": 8})
+    mixed = T.TrainConfig(**{**SMALL, "batch": 8}, mixed=1.0)
+    tasks = set()
+    for step in range(3):
+        a = T.make_batch(tr.fmt, tr.corpus, plain, step, tr.lex)
+        b = T.make_batch(tr.fmt, tr.corpus, mixed, step, tr.lex)
+        again = T.make_batch(tr.fmt, tr.corpus, mixed, step, tr.lex)
+        assert [e.tokens for e in b] == [e.tokens for e in again]
+        for x, y in zip(a, b, strict=True):
+            tasks.add(x.task)
+            assert x.task == y.task and x.ctc == y.ctc
+            assert x.tokens[x.loss_from :] == y.tokens[y.loss_from :]
+            assert y.image is not None and y.audio is not None
+            assert y.tokens.count(ids.image) == y.image[0].shape[0]
+            assert y.tokens.count(ids.audio) == y.audio.shape[0]
+            if x.task == "caption":  # speech frames before the picture, nothing else new
+                assert y.audio.shape[0] > (0 if x.audio is None else x.audio.shape[0])
+                assert [t for t in y.tokens if t != ids.audio] == [
+                    t for t in x.tokens if t != ids.audio
+                ]
+                assert y.tokens.index(ids.audio) < y.tokens.index(ids.image)
+            else:  # one image block amid the same audio
+                assert x.audio is not None and np.array_equal(x.audio, y.audio)
+                i = y.tokens.index(ids.boi)
+                j = y.tokens.index(ids.eoi)
+                assert y.tokens[i - 1] == ids.eoa and y.tokens[j + 1] == ids.boa
+                assert y.tokens[: i - 1] + y.tokens[j + 2 :] == x.tokens
+                assert y.align == []
+    assert tasks == {"transcribe", "translate", "caption"}
+    vals, _ = tr.step(b, 1e-3)
+    assert all(math.isfinite(v) for v in vals.values()) and vals["ctc"] > 0
+
+
+@needs_espeak
+def test_draw_from_trains_on_the_batches_of_later_steps(tmp_path: Path) -> None:
+    """``--draw-from N``: step k's batch is the plain run's batch of step N + k, so a
+    phase started from an earlier run sees examples that run did not."""
+    dcfg = _training_slice(tmp_path)
+    tr = T.build(tmp_path, T.TrainConfig(**SMALL), dcfg)
+    plain = T.TrainConfig(**{**SMALL, "batch": 4})
+    later = T.TrainConfig(**{**SMALL, "batch": 4}, draw_from=5)
+    for k in range(2):
+        want = T.make_batch(tr.fmt, tr.corpus, plain, 5 + k, tr.lex)
+        got = T.make_batch(tr.fmt, tr.corpus, later, k, tr.lex)
+        assert [e.tokens for e in got] == [e.tokens for e in want]
+    first = T.make_batch(tr.fmt, tr.corpus, plain, 0, tr.lex)
+    assert [e.tokens for e in first] != [e.tokens for e in T.make_batch(
+        tr.fmt, tr.corpus, later, 0, tr.lex)]  # fmt: skip
 
 
 @needs_espeak

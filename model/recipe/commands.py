@@ -59,6 +59,8 @@ def train_command(
     align_weight: float = 0.0,
     align_layers: tuple[int, ...] = (-1,),
     align_heads: int = 2,
+    draw_from: int = 0,
+    mixed: float = 0.0,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -92,6 +94,8 @@ def train_command(
         align_weight=align_weight,
         align_layers=align_layers,
         align_heads=align_heads,
+        draw_from=draw_from,
+        mixed=mixed,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log, procs=procs)
@@ -248,6 +252,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the layer whose audio positions the CTC loss reads (below --layers)",
     )  # fmt: skip
     train.add_argument(
+        "--draw-from",
+        type=at_least(0),
+        default=0,
+        metavar="N",
+        help="train step k on the batch of step N + k: a phase started from an earlier run "
+        "sees examples that run did not (give it the steps before it); default 0",
+    )
+    train.add_argument(
+        "--mixed",
+        type=share,
+        default=0.0,
+        metavar="SHARE",
+        help="share of examples whose segment also holds the other modality, as in a call "
+        "with a camera: a picture amid the speech of a transcription or translation, speech "
+        "before the picture of a caption (the engine interleaves them); default 0",
+    )
+    train.add_argument(
         "--voice-shift",
         type=share,
         default=0.0,
@@ -318,7 +339,7 @@ RECIPE_SETS = frozenset({
     "steps", "max_minutes", "batch", "lr", "task_mix", "vision_weight", "voice_shift",
     "voice_warp", "caption_corrupt", "count_weight", "ctc_weight", "align_weight",
     "align_layers", "align_heads", "frontend", "precision", "layers", "hidden", "intermediate",
-    "ctc_layer", "init_from", "drafter",
+    "ctc_layer", "init_from", "drafter", "draw_from", "mixed",
 })  # fmt: skip  # what a --recipe's phases decide (phases.PHASE_KEYS and the rest)
 
 
@@ -400,6 +421,8 @@ def _train_model(args: argparse.Namespace) -> None:
         align_weight=args.align_weight,
         align_layers=args.align_layers,
         align_heads=args.align_heads,
+        draw_from=args.draw_from,
+        mixed=args.mixed,
         **_given(args),
     )
 

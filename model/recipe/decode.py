@@ -19,14 +19,23 @@ FRAME = 640
 
 
 def prompt_ids(
-    fmt: PromptFormat, n_frames: int, task: str, n_cells: int = 0, language: str | None = None
+    fmt: PromptFormat,
+    n_frames: int,
+    task: str,
+    n_cells: int = 0,
+    language: str | None = None,
+    image_after: int = 0,
 ) -> tuple[list[int], list[int]]:
-    """(media part, branch part) of the prompt: prefix [+ image block] + audio, then branch."""
+    """(media part, branch part) of the prompt: prefix + audio, with an image block after
+    the first ``image_after`` audio frames when ``n_cells`` (a video frame that arrives
+    mid-utterance, as the engine appends it), then the branch."""
     ids = fmt.tok.ids
     head = fmt.stream_prefix()
+    k = min(max(0, image_after), n_frames)
+    head += [ids.audio] * k
     if n_cells:
         head += fmt.image_block(n_cells)
-    head += [ids.audio] * n_frames
+    head += [ids.audio] * (n_frames - k)
     if task == "translate" and language is None:
         language = "Spanish"
     return head, fmt.branch(task, language)
@@ -40,6 +49,7 @@ def greedy(
     language: str | None = None,
     max_new: int = 48,
     loop_rule: LoopRule | None = LOOP_RULE,
+    image_after: int = 0,
 ) -> list[int]:
     """Greedy token ids of the answer (without the stop token). With ``loop_rule`` (the
     engine's default) a decode ending in a repeated block stops there, as the engine's
@@ -53,7 +63,7 @@ def greedy(
         fr = torch.from_numpy(np.pad(audio, (0, pad)).reshape(-1, FRAME).astype(np.float32))
     n_frames = 0 if fr is None else int(fr.shape[0])
     n_cells = 0 if image is None else int(image[0].shape[0])
-    head, branch = prompt_ids(fmt, n_frames, task, n_cells, language)
+    head, branch = prompt_ids(fmt, n_frames, task, n_cells, language, image_after)
     spec = CacheSpec(
         slots=1,
         full_capacity=len(head) + len(branch) + max_new + 8,
@@ -78,16 +88,27 @@ def greedy(
 
 
 def transcribe(
-    model: Gemma4Unified, audio: npt.NDArray[np.float32], task: str = "transcribe"
+    model: Gemma4Unified,
+    audio: npt.NDArray[np.float32],
+    task: str = "transcribe",
+    picture: npt.NDArray[np.uint8] | None = None,
 ) -> str:
+    """The greedy transcript (or translation) of ``audio``; with ``picture``, a camera
+    frame in the segment halfway through the audio (a call with video)."""
     assert model.tokenizer is not None
-    return model.tokenizer.decode(greedy(model, task, audio=audio)).strip()
+    cells = None if picture is None else _cells(model, picture)
+    half = (audio.size + FRAME - 1) // FRAME // 2
+    ids = greedy(model, task, audio=audio, image=cells, image_after=half)
+    return model.tokenizer.decode(ids).strip()
+
+
+def _cells(model: Gemma4Unified, image: npt.NDArray[np.uint8]) -> tuple[torch.Tensor, torch.Tensor]:
+    from rawcast.pipeline.vision import patch_image
+
+    grid = patch_image(image, max_soft_tokens=model.image_budget)
+    return torch.from_numpy(grid.cells), torch.from_numpy(grid.positions)
 
 
 def caption(model: Gemma4Unified, image: npt.NDArray[np.uint8]) -> str:
-    from rawcast.pipeline.vision import patch_image
-
     assert model.tokenizer is not None
-    grid = patch_image(image, max_soft_tokens=model.image_budget)
-    cells = (torch.from_numpy(grid.cells), torch.from_numpy(grid.positions))
-    return model.tokenizer.decode(greedy(model, "caption", image=cells)).strip()
+    return model.tokenizer.decode(greedy(model, "caption", image=_cells(model, image))).strip()

@@ -170,7 +170,7 @@ def evaluate(
         )
     offline = mode in ("offline", "both")
     streamer = ClipStreamer(model, stream) if mode in ("streamed", "both") else None
-    off, st = _Speech(), _Speech()
+    off, st, cam = _Speech(), _Speech(), _Speech()
     examples: list[dict[str, str]] = []
     prefix_refs: list[str] = []
     prefix_hyps: list[str] = []
@@ -189,6 +189,12 @@ def evaluate(
             prefix_refs.append(kept)
             prefix_hyps.append(decode.transcribe(model, cut))
             example["hyp"] = hyp
+            # the same clip in a call with a camera: a held-out scene mid-utterance
+            pic = scenes.scene(seed + CAMERA_SCENES, i, heldout=True)[0]
+            hyp_c = decode.transcribe(model, audio, picture=pic)
+            es_c = decode.transcribe(model, audio, "translate", pic) if meta["es"] else None
+            cam.add(meta, hyp_c, es_c)
+            example["with_camera"] = hyp_c
             seconds["offline"] += time.perf_counter() - t
         if streamer is not None:
             t = time.perf_counter()
@@ -208,6 +214,8 @@ def evaluate(
         result["wer_heldout_voices"] = scores.pop("wer")
         result.update(scores)
         result["wer_truncated_prefix"] = wer(prefix_refs, prefix_hyps) if prefix_refs else None
+        with_cam = cam.scores()
+        result["with_camera"] = {k: with_cam[k] for k in ("wer", "chrf_en_es") if k in with_cam}
     if streamer is not None:
         result["streamed"] = {
             **st.scores(),
@@ -227,6 +235,9 @@ def evaluate(
     result["examples"] = examples
     result["seconds"] = round(time.time() - t0, 1)
     return result
+
+
+CAMERA_SCENES = 555  # the camera pictures' seed offset (the caption scenes use 999)
 
 
 def _seen(model: Gemma4Unified, data_root: Path, n: int) -> dict[str, Any]:
@@ -332,6 +343,12 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("wer_truncated_prefix") is not None:
         lines.append(
             f"WER of the prefix on truncated clips: {100 * result['wer_truncated_prefix']:.1f}%"
+        )
+    cam = result.get("with_camera") or {}
+    if cam.get("wer") is not None:
+        es = f", chrF EN->ES {cam['chrf_en_es']:.1f}" if "chrf_en_es" in cam else ""
+        lines.append(
+            f"with a camera frame mid-utterance (offline): WER {100 * cam['wer']:.1f}%{es}"
         )
     if "chrf_en_es" in result or "chrf_en_es" in st:
         parts = [

@@ -42,7 +42,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -193,6 +193,8 @@ class TrainConfig:
     align_layers: tuple[int, ...] = (-1,)  # the layers it guides (-1: the last)
     align_heads: int = 2  # the first N query heads of each guided layer
     init_from: str = ""  # a run dir (state.pt) or checkpoint dir to start a new run from
+    draw_from: int = 0  # step k trains on the batch of step draw_from + k (fresh data)
+    mixed: float = 0.0  # share of examples with the other modality in the segment (a call)
 
 
 @dataclass
@@ -367,7 +369,10 @@ def make_batch(
     """Step ``step``'s batch: a function of the seed and the step only. ``part=(r, n)``
     makes only the examples ``b`` with ``b % n == r`` (a replica's share, ``--procs``),
     drawing the same random numbers for the others, so the shares of the n replicas
-    are the single process's batch, example for example."""
+    are the single process's batch, example for example. ``cfg.draw_from`` shifts the
+    draw: a phase that starts at ``draw_from = N`` sees the batches a run would see from
+    its step N on, not the ones its predecessors already trained on."""
+    step += cfg.draw_from
     rng = np.random.default_rng([cfg.seed, 7, step])
     out: list[Example] = []
     for b in range(cfg.batch):
@@ -376,7 +381,14 @@ def make_batch(
         if task == "caption":
             index = step * cfg.batch + b
             if mine:
-                out.append(caption_example(fmt, cfg.seed, index, rng, cfg.caption_corrupt))
+                ex = caption_example(fmt, cfg.seed, index, rng, cfg.caption_corrupt)
+                rng_m = np.random.default_rng([cfg.seed, 19, step, b])
+                if cfg.mixed > 0 and rng_m.random() < cfg.mixed:
+                    shard, i = corpus.sample(rng_m)
+                    speech = shard.clip_audio(i)
+                    cut = int(rng_m.integers(FRAME, max(FRAME + 1, speech.size)))
+                    ex = with_speech(fmt, ex, frames(speech[:cut]))
+                out.append(ex)
             else:  # the draws it would have made, without the rendering
                 caption_noise(rng)
             continue
@@ -402,8 +414,65 @@ def make_batch(
                                     cfg.voice_warp)  # fmt: skip
         lex_t = lex if task == "transcribe" else None
         aligned = ends if cfg.align_weight > 0 else None
-        out.append(speech_example(fmt, audio, target, task, lex_t, aligned))
+        ex = speech_example(fmt, audio, target, task, lex_t, aligned)
+        rng_m = np.random.default_rng([cfg.seed, 19, step, b])
+        if cfg.mixed > 0 and rng_m.random() < cfg.mixed:
+            img, _, labels = scenes.labelled_scene(cfg.seed, MIXED_SCENES + step * cfg.batch + b)
+            at = int(rng_m.integers(0, ex.audio.shape[0] + 1)) if ex.audio is not None else 0
+            ex = with_image(fmt, ex, img, labels, at)
+        out.append(ex)
     return out
+
+
+MIXED_SCENES = 1 << 40  # scene indices of the pictures that speech examples see
+
+
+def with_image(
+    fmt: PromptFormat,
+    ex: Example,
+    img: npt.NDArray[np.uint8],
+    labels: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
+    at: int,
+) -> Example:
+    """A speech example with a camera frame's patch grid after its ``at``-th audio frame,
+    as the engine appends a video frame that arrives mid-utterance: the target stays the
+    transcript (or translation). The guided-alignment windows are dropped (they count
+    audio frames from ``audio_at``)."""
+    from rawcast.pipeline.vision import patch_image
+
+    grid = patch_image(img, max_soft_tokens=IMAGE_BUDGET)
+    block = fmt.image_block(grid.num_cells)
+    cut = ex.audio_at + at
+    tokens = [*ex.tokens[:cut], *block, *ex.tokens[cut:]]
+    return replace(
+        ex,
+        tokens=tokens,
+        loss_from=ex.loss_from + len(block),
+        image=(torch.from_numpy(grid.cells), torch.from_numpy(grid.positions)),
+        cell_labels=labels,
+        align=[],
+    )
+
+
+def with_speech(fmt: PromptFormat, ex: Example, speech: npt.NDArray[np.float32]) -> Example:
+    """A caption example whose segment held speech before the picture (someone talking
+    when the video frame arrived): ``speech`` frames (n, 640) between the stream prefix and
+    the image block. The target stays the caption."""
+    at = len(fmt.stream_prefix())
+    pad = [fmt.tok.ids.audio] * speech.shape[0]
+
+    def put(tokens: list[int]) -> list[int]:
+        return [*tokens[:at], *pad, *tokens[at:]]
+
+    audio = speech if ex.audio is None else np.concatenate([speech, ex.audio])
+    return replace(
+        ex,
+        tokens=put(ex.tokens),
+        inputs=put(ex.inputs) if ex.inputs is not None else None,
+        loss_from=ex.loss_from + len(pad),
+        audio=audio,
+        audio_at=at,
+    )
 
 
 VOICE_SHIFT = (0.82, 1.22)  # resampling factors: formants, pitch and tempo scale together

@@ -183,7 +183,8 @@ def test_transcribe_webm_with_video_translation_and_captions(  # type: ignore[no
 ) -> None:
     core = EngineCore(model, vad_model=vad)
     t = transcribe_file(core, str(media["webm"]), "es", True)
-    assert t.segments and all(s.translation for s in t.segments)
+    # the speech is transcribed and translated with the video's pictures in its segment
+    assert t.segments and all(s.text and s.translation for s in t.segments)
     # one caption per 2 s cadence slot of the 3 s video, at the video's times
     assert [c.time for c in t.captions] == [0.0, 2.0]
     assert all(c.text for c in t.captions)

@@ -42,7 +42,8 @@ def test_the_shipped_recipe_is_what_train_accepts() -> None:
         if "task_mix" in ph.flags:
             assert abs(sum(ph.flags["task_mix"]) - 1) < 1e-9
     assert [ph.name for ph in P.SHIPPED if ph.start == "export"] == ["al", "vs"]
-    assert sum(ph.steps for ph in P.SHIPPED) == 29_980
+    assert sum(ph.steps for ph in P.SHIPPED) == 49_920
+    assert P.SHIPPED[-1].flags["mixed"] == 0.25 and P.SHIPPED[-1].flags["draw_from"] == 12000
 
 
 def test_phases_chain_and_a_second_call_resumes_where_the_first_stopped(tmp_path: Path) -> None:

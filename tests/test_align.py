@@ -67,6 +67,17 @@ def _targets(width: int, first: int, offset: int, wins: list[tuple[int, int]]) -
     return t
 
 
+def test_an_image_block_amid_the_frames_moves_the_later_windows_and_is_never_on_target() -> None:
+    """Frames 0-9 at positions 2-11 with a 5-position image block before frame 4: frame f
+    sits at 2 + f, or 7 + f from frame 4 on; a word over frames 3-5 straddles the block."""
+    t = A.Targets.build(32, {0: (20, 2, [(0, 3), (3, 6), (6, 10)])}, 1, torch.device("cpu"),
+                        {0: (4, 5)})  # fmt: skip
+    assert t is not None
+    on = [t.window[0, q].nonzero().flatten().tolist() for q in (20, 21, 22)]
+    assert on == [[2, 3, 4], [5, 11, 12], [13, 14, 15, 16]]
+    assert t.rows[0].nonzero().flatten().tolist() == [20, 21, 22]
+
+
 def test_loss_is_minus_log_of_the_window_share_under_uniform_attention() -> None:
     width, first, offset = 24, 16, 2
     wins = [(0, 4), (3, 9)]

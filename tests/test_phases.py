@@ -44,6 +44,7 @@ def test_the_shipped_recipe_is_what_train_accepts() -> None:
     assert [ph.name for ph in P.SHIPPED if ph.start == "export"] == ["al", "vs"]
     assert sum(ph.steps for ph in P.SHIPPED) == 49_920
     assert P.SHIPPED[-1].flags["mixed"] == 0.25 and P.SHIPPED[-1].flags["draw_from"] == 12000
+    assert P.SHIPPED[-1].flags["mixed_align"] is False  # as phase 10 trained
 
 
 def test_phases_chain_and_a_second_call_resumes_where_the_first_stopped(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import math
 import random
 import shutil
 import wave
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from rawcast.model import preset
 from rawcast.model.gemma4 import Append, Gemma4Unified
+from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import decode, scenes, speech, text
 from rawcast.model.recipe import train as T
@@ -716,18 +718,35 @@ def test_mixed_examples_put_both_modalities_in_one_segment(tmp_path: Path) -> No
     """``--mixed``: a transcription or translation gets a camera frame's patch grid amid
     its audio and a caption gets speech before its picture (a call with a camera, as the
     engine interleaves them); the targets and the CTC labels stay those of the plain batch,
-    every audio and image placeholder has its frame or cell, and the step trains."""
+    every audio and image placeholder has its frame or cell, each transcript token's
+    guided-alignment window covers the same audio frames (never the picture), and the
+    step trains."""
     dcfg = _training_slice(tmp_path)
-    tr = T.build(tmp_path, T.TrainConfig(**SMALL), dcfg)
+    tr = T.build(tmp_path, T.TrainConfig(**SMALL, align_weight=0.5), dcfg)
     ids = tr.fmt.tok.ids
-    plain = T.TrainConfig(**{**SMALL, "batch": 8})
-    mixed = T.TrainConfig(**{**SMALL, "batch": 8}, mixed=1.0)
-    tasks = set()
+    plain = T.TrainConfig(**{**SMALL, "batch": 8, "align_weight": 0.5})
+    mixed = T.TrainConfig(**{**SMALL, "batch": 8, "align_weight": 0.5}, mixed=1.0)
+    tasks, aligned = set(), 0
+
+    def on_target(ex: T.Example) -> list[list[int]]:
+        """Each target token's on-target keys, as indices among the row's audio frames."""
+        t = A.Targets.build(len(ex.tokens), {0: (ex.loss_from - 1, ex.audio_at, ex.align)},
+                            1, torch.device("cpu"), {0: ex.image_gap})  # fmt: skip
+        assert t is not None
+        audio_pos = [i for i, tok in enumerate(ex.tokens) if tok == ids.audio]
+        keys = [t.window[0, q].nonzero().flatten().tolist() for q in range(len(ex.tokens))]
+        assert all(k in audio_pos for row in keys for k in row)
+        return [[audio_pos.index(k) for k in row] for row in keys if row]
+
     for step in range(3):
         a = T.make_batch(tr.fmt, tr.corpus, plain, step, tr.lex)
         b = T.make_batch(tr.fmt, tr.corpus, mixed, step, tr.lex)
         again = T.make_batch(tr.fmt, tr.corpus, mixed, step, tr.lex)
         assert [e.tokens for e in b] == [e.tokens for e in again]
+        unaligned = T.make_batch(tr.fmt, tr.corpus, replace(mixed, mixed_align=False), step,
+                                 tr.lex)  # fmt: skip  # --mixed-align off: the shipped phases
+        assert [e.tokens for e in unaligned] == [e.tokens for e in b]
+        assert not any(e.align for e in unaligned)
         for x, y in zip(a, b, strict=True):
             tasks.add(x.task)
             assert x.task == y.task and x.ctc == y.ctc
@@ -747,10 +766,14 @@ def test_mixed_examples_put_both_modalities_in_one_segment(tmp_path: Path) -> No
                 j = y.tokens.index(ids.eoi)
                 assert y.tokens[i - 1] == ids.eoa and y.tokens[j + 1] == ids.boa
                 assert y.tokens[: i - 1] + y.tokens[j + 2 :] == x.tokens
-                assert y.align == []
-    assert tasks == {"transcribe", "translate", "caption"}
-    vals, _ = tr.step(b, 1e-3)
-    assert all(math.isfinite(v) for v in vals.values()) and vals["ctc"] > 0
+                assert y.align == x.align
+                if x.align:
+                    aligned += 1
+                    assert on_target(y) == on_target(x)
+                    with_window = y
+    assert tasks == {"transcribe", "translate", "caption"} and aligned
+    vals, _ = tr.step([with_window, *b[1:]], 1e-3)
+    assert all(math.isfinite(v) for v in vals.values()) and vals["ctc"] > 0 and vals["align"] > 0
 
 
 @needs_espeak

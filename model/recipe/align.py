@@ -108,16 +108,24 @@ class Targets:
         examples: Mapping[int, tuple[int, int, Sequence[tuple[int, int]]]],
         batch: int,
         device: torch.device,
+        gaps: Mapping[int, tuple[int, int]] | None = None,
     ) -> Targets | None:
         """``examples``: row -> (first query position, position of the first frame,
         frame windows); query position ``first + j`` predicts token j of the target.
-        None when no row has a window."""
+        ``gaps``: row -> (frame, length) where ``length`` other positions (a camera
+        frame's image block) sit before that frame: later frames move by ``length`` and
+        the gap is never on target. None when no row has a window."""
         rows = torch.zeros(batch, width, dtype=torch.bool)
         window = torch.zeros(batch, width, width, dtype=torch.bool)
         for b, (first, offset, wins) in examples.items():
+            at, length = (gaps or {}).get(b, (width, 0))
             for j, (lo, hi) in enumerate(wins):
-                rows[b, first + j] = True
-                window[b, first + j, offset + lo : offset + hi] = True
+                q = first + j
+                rows[b, q] = True
+                if lo < at:
+                    window[b, q, offset + lo : offset + min(hi, at)] = True
+                if hi > at:
+                    window[b, q, offset + length + max(lo, at) : offset + length + hi] = True
         if not bool(rows.any()):
             return None
         return Targets(rows.to(device), window.to(device))

@@ -61,6 +61,7 @@ def train_command(
     align_heads: int = 2,
     draw_from: int = 0,
     mixed: float = 0.0,
+    mixed_align: bool = True,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -96,6 +97,7 @@ def train_command(
         align_heads=align_heads,
         draw_from=draw_from,
         mixed=mixed,
+        mixed_align=mixed_align,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log, procs=procs)
@@ -269,6 +271,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "before the picture of a caption (the engine interleaves them); default 0",
     )
     train.add_argument(
+        "--mixed-align",
+        choices=("on", "off"),
+        default="on",
+        help="keep the guided-alignment windows of --mixed transcriptions, past the "
+        "picture (on, the default); off drops them, as the shipped recipe's --mixed phases "
+        "trained",
+    )
+    train.add_argument(
         "--voice-shift",
         type=share,
         default=0.0,
@@ -339,7 +349,7 @@ RECIPE_SETS = frozenset({
     "steps", "max_minutes", "batch", "lr", "task_mix", "vision_weight", "voice_shift",
     "voice_warp", "caption_corrupt", "count_weight", "ctc_weight", "align_weight",
     "align_layers", "align_heads", "frontend", "precision", "layers", "hidden", "intermediate",
-    "ctc_layer", "init_from", "drafter", "draw_from", "mixed",
+    "ctc_layer", "init_from", "drafter", "draw_from", "mixed", "mixed_align",
 })  # fmt: skip  # what a --recipe's phases decide (phases.PHASE_KEYS and the rest)
 
 
@@ -423,6 +433,7 @@ def _train_model(args: argparse.Namespace) -> None:
         align_heads=args.align_heads,
         draw_from=args.draw_from,
         mixed=args.mixed,
+        mixed_align=args.mixed_align == "on",
         **_given(args),
     )
 

@@ -35,7 +35,7 @@ PHASE_KEYS = frozenset({
     "batch", "lr", "task_mix", "vision_weight", "voice_shift", "voice_warp",
     "caption_corrupt", "count_weight", "ctc_weight", "align_weight", "align_layers",
     "align_heads", "frontend", "precision", "layers", "hidden", "intermediate", "ctc_layer",
-    "draw_from", "mixed",
+    "draw_from", "mixed", "mixed_align",
 })  # fmt: skip
 STARTS = ("run", "export")
 NO_TIME_BOUND = 1e9  # minutes: a phase ends at its steps, whatever the machine
@@ -54,6 +54,8 @@ class Phase:
 # first four and the tenth ran under a time budget; their steps are those they reached).
 _FINAL = {"vision_weight": 1.0, "caption_corrupt": 0.5, "count_weight": 1.0}
 _ALIGNED = {**_FINAL, "align_weight": 0.5, "ctc_weight": 3.0}
+# the --mixed phases trained before it kept the alignment windows of its transcriptions
+_MIXED = {"mixed": 0.25, "mixed_align": False}
 _PHASE_8 = {"task_mix": (0.45, 0.15, 0.4), "lr": 4e-4, **_ALIGNED, "voice_shift": 0.8}
 SHIPPED: tuple[Phase, ...] = (
     Phase("sub", 6084, flags={"frontend": "subwindow"}),
@@ -86,7 +88,7 @@ SHIPPED: tuple[Phase, ...] = (
     Phase("8", 5000, flags=_PHASE_8),
     Phase("9", 12000, flags=_PHASE_8),
     # ran under a 100-minute budget; 7940 is the step it reached
-    Phase("10", 7940, flags={**_PHASE_8, "draw_from": 12000, "mixed": 0.25}),
+    Phase("10", 7940, flags={**_PHASE_8, "draw_from": 12000, **_MIXED}),
 )
 RECIPES = {"shipped": SHIPPED}
 

@@ -195,6 +195,7 @@ class TrainConfig:
     init_from: str = ""  # a run dir (state.pt) or checkpoint dir to start a new run from
     draw_from: int = 0  # step k trains on the batch of step draw_from + k (fresh data)
     mixed: float = 0.0  # share of examples with the other modality in the segment (a call)
+    mixed_align: bool = True  # their transcriptions keep the guided-alignment windows
 
 
 @dataclass
@@ -210,6 +211,9 @@ class Example:
     # Frame window [lo, hi) of each target token's word (guided alignment), or empty.
     align: list[tuple[int, int]] = field(default_factory=list)
     audio_at: int = 0  # position of the first audio frame in ``tokens``
+    # (frame, length): an image block of ``length`` positions sits before that audio
+    # frame (``with_image``); (0, 0) when the audio is contiguous.
+    image_gap: tuple[int, int] = (0, 0)
 
 
 def frames(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -419,7 +423,7 @@ def make_batch(
         if cfg.mixed > 0 and rng_m.random() < cfg.mixed:
             img, _, labels = scenes.labelled_scene(cfg.seed, MIXED_SCENES + step * cfg.batch + b)
             at = int(rng_m.integers(0, ex.audio.shape[0] + 1)) if ex.audio is not None else 0
-            ex = with_image(fmt, ex, img, labels, at)
+            ex = with_image(fmt, ex, img, labels, at, keep_align=cfg.mixed_align)
         out.append(ex)
     return out
 
@@ -433,11 +437,12 @@ def with_image(
     img: npt.NDArray[np.uint8],
     labels: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
     at: int,
+    keep_align: bool = True,
 ) -> Example:
     """A speech example with a camera frame's patch grid after its ``at``-th audio frame,
     as the engine appends a video frame that arrives mid-utterance: the target stays the
-    transcript (or translation). The guided-alignment windows are dropped (they count
-    audio frames from ``audio_at``)."""
+    transcript (or translation), and the guided-alignment windows skip the block
+    (``image_gap``; ``keep_align=False`` drops them)."""
     from rawcast.pipeline.vision import patch_image
 
     grid = patch_image(img, max_soft_tokens=IMAGE_BUDGET)
@@ -450,7 +455,8 @@ def with_image(
         loss_from=ex.loss_from + len(block),
         image=(torch.from_numpy(grid.cells), torch.from_numpy(grid.positions)),
         cell_labels=labels,
-        align=[],
+        align=ex.align if keep_align else [],
+        image_gap=(at, len(block)),
     )
 
 
@@ -715,9 +721,12 @@ class Aligner:
 
 def align_targets(p: Packed, batch: Sequence[Example]) -> A.Targets | None:
     """The alignment windows of a packed batch: the position predicting target token j
-    of row b is ``loss_from - 1 + j``; its word's frames start at ``audio_at``."""
+    of row b is ``loss_from - 1 + j``; its word's frames start at ``audio_at``, less an
+    image block amid them (``image_gap``)."""
     rows = {b: (ex.loss_from - 1, ex.audio_at, ex.align) for b, ex in enumerate(batch) if ex.align}
-    return A.Targets.build(p.input_ids.shape[1], rows, len(batch), p.input_ids.device)
+    gaps = {b: ex.image_gap for b, ex in enumerate(batch) if ex.image_gap[1]}
+    width, device = p.input_ids.shape[1], p.input_ids.device
+    return A.Targets.build(width, rows, len(batch), device, gaps)
 
 
 def output_logits(model: Gemma4Unified, h: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,7 @@ SHIPPED: tuple[Phase, ...] = (
     Phase("9", 12000, flags=_PHASE_8),
     # ran under a 100-minute budget; 7940 is the step it reached
     Phase("10", 7940, flags={**_PHASE_8, "draw_from": 12000, **_MIXED}),
+    Phase("11", 6500, flags={**_PHASE_8, "draw_from": 19940, **_MIXED}),
 )
 RECIPES = {"shipped": SHIPPED}
 

@@ -21,6 +21,7 @@ from rawcast.model import drafter as dr
 from rawcast.model.loader import load
 from rawcast.model.recipe.evaluate import heldout_clips
 from rawcast.pipeline.engine import EngineConfig, EngineCore
+from rawcast.pipeline.replay import replay
 from rawcast.pipeline.session import SessionConfig, Tasks
 
 
@@ -40,12 +41,7 @@ def main() -> None:
         drafter = dr.load(name, target=target)
         core = EngineCore(target, EngineConfig(max_sessions=1), drafter=drafter)
         for audio in clips:
-            s = core.open(cfg)
-            s.push_audio(audio, 16000)
-            s.flush()
-            s.request_close()
-            core.run_until_idle()
-            core.release(s)
+            replay(core, [audio], cfg)
         print(f"{name}: {len(clips)} clips, {core.acceptance:.1%} of {core.drafted} drafts kept")
 
 

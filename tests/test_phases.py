@@ -45,7 +45,7 @@ def test_the_shipped_recipe_is_what_train_accepts() -> None:
     assert sum(ph.steps for ph in P.SHIPPED) == 56_420
     # phase 11 draws the batches after phases 9 and 10's 12000 + 7940 steps
     assert P.SHIPPED[-1].flags["mixed"] == 0.25 and P.SHIPPED[-1].flags["draw_from"] == 19940
-    assert P.SHIPPED[-1].flags["mixed_align"] is False  # as phase 10 trained
+    assert P.SHIPPED[-1].flags["mixed_align"] is False  # as phases 10 and 11 trained
 
 
 def test_phases_chain_and_a_second_call_resumes_where_the_first_stopped(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ import torch
 
 from rawcast.model import preset
 from rawcast.model.gemma4 import Append, Gemma4Unified
-from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import decode, scenes, speech, text
 from rawcast.model.recipe import train as T
@@ -729,12 +728,12 @@ def test_mixed_examples_put_both_modalities_in_one_segment(tmp_path: Path) -> No
     tasks, aligned = set(), 0
 
     def on_target(ex: T.Example) -> list[list[int]]:
-        """Each target token's on-target keys, as indices among the row's audio frames."""
-        t = A.Targets.build(len(ex.tokens), {0: (ex.loss_from - 1, ex.audio_at, ex.align)},
-                            1, torch.device("cpu"), {0: ex.image_gap})  # fmt: skip
+        """Each target token's on-target keys in the training forward's targets, as
+        indices among the row's audio frames."""
+        t = T.align_targets(T.pack_batch(tr.model, [ex])[0], [ex])
         assert t is not None
         audio_pos = [i for i, tok in enumerate(ex.tokens) if tok == ids.audio]
-        keys = [t.window[0, q].nonzero().flatten().tolist() for q in range(len(ex.tokens))]
+        keys = [row.nonzero().flatten().tolist() for row in t.window[0]]
         assert all(k in audio_pos for row in keys for k in row)
         return [[audio_pos.index(k) for k in row] for row in keys if row]
 

@@ -54,7 +54,8 @@ class Phase:
 # first four and the tenth ran under a time budget; their steps are those they reached).
 _FINAL = {"vision_weight": 1.0, "caption_corrupt": 0.5, "count_weight": 1.0}
 _ALIGNED = {**_FINAL, "align_weight": 0.5, "ctc_weight": 3.0}
-# the --mixed phases trained before it kept the alignment windows of its transcriptions
+# phases 10 and 11 trained while --mixed still dropped the alignment windows of the
+# transcriptions it put a picture in (--mixed-align off)
 _MIXED = {"mixed": 0.25, "mixed_align": False}
 _PHASE_8 = {"task_mix": (0.45, 0.15, 0.4), "lr": 4e-4, **_ALIGNED, "voice_shift": 0.8}
 SHIPPED: tuple[Phase, ...] = (

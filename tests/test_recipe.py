@@ -835,3 +835,22 @@ def test_data_of_another_config_is_not_extended(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"another config \(flite_share differ\)"):
         D.generate(tmp_path, D.DataConfig(seed=7, train_clips=0, eval_clips_per_voice=0,
                                           flite_share=0.2))  # fmt: skip
+
+
+@needs_espeak
+def test_prefetched_batches_train_the_same_run(tmp_path: Path) -> None:
+    """``rawcast train --prefetch`` makes the batches on a background thread while a step
+    trains: the run it trains (every weight, every logged loss) is the one without it."""
+    dcfg = _training_slice(tmp_path)
+    cfg = T.TrainConfig(steps=3, mixed=0.5, voice_shift=0.5, **SMALL)
+    runs = {}
+    for prefetch in (0, 2):
+        run = tmp_path / f"run{prefetch}"
+        T.train(tmp_path, run, tmp_path / f"out{prefetch}", cfg, dcfg, log=lambda _: None,
+                prefetch=prefetch)  # fmt: skip
+        runs[prefetch] = torch.load(run / "state.pt", weights_only=False)["model"]
+        losses = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+        runs[prefetch]["losses"] = torch.tensor(losses)
+    assert runs[0].keys() == runs[2].keys()
+    for k, v in runs[0].items():
+        assert torch.equal(v, runs[2][k]), k

@@ -41,6 +41,7 @@ def train_command(
     max_minutes: float = 70.0,
     threads: int = 1,
     procs: int = 1,
+    prefetch: int = 0,
     frontend: str = "fourier",
     precision: str = "fp32",
     init_from: Path | None = None,
@@ -100,7 +101,7 @@ def train_command(
         mixed_align=mixed_align,
     )
     out = out_dir if out_dir is not None else default_out()
-    T.train(data_dir, run_dir, out, cfg, dcfg, log=log, procs=procs)
+    T.train(data_dir, run_dir, out, cfg, dcfg, log=log, procs=procs, prefetch=prefetch)
     log(f"exported {out}")
     return out
 
@@ -173,6 +174,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="CPU processes that share each batch, --threads each (data-parallel; the "
         "batches and the run are those of one process); on the 2-core VM --threads 2 was "
         "faster (bench/train_step.py --sweep-procs)",
+    )
+    train.add_argument(
+        "--prefetch",
+        type=at_least(0),
+        default=0,
+        help="batches made ahead on a background thread while a step trains (default 0: "
+        "each made when its step starts); the batches, hence the run, are the same either "
+        "way. On the 2-core VM it was 4%% slower at --threads 2, since the thread takes "
+        "the cores the step uses (bench/train_step.py --sweep-prefetch)",
     )
     train.add_argument(
         "--frontend",
@@ -396,6 +406,7 @@ def _train_recipe(args: argparse.Namespace) -> None:
     shared = dict(
         data_dir=args.data_dir, seed=args.seed, train_clips=args.train_clips,
         workers=args.workers, threads=args.threads, procs=args.procs,
+        prefetch=args.prefetch,
     )  # fmt: skip
     out = args.out if args.out is not None else default_out()
     P.run(recipe, args.run_dir or DEFAULT_RUN, out,
@@ -413,6 +424,7 @@ def _train_model(args: argparse.Namespace) -> None:
         batch=args.batch,
         threads=args.threads,
         procs=args.procs,
+        prefetch=args.prefetch,
         frontend=args.frontend,
         precision=args.precision,
         init_from=args.init_from,

@@ -66,6 +66,7 @@ from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import scenes, speech, warp
 from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
+from rawcast.model.recipe.prefetch import Prefetcher
 from rawcast.model.recipe.replicas import Replicas, launch
 from rawcast.model.tokenizer import Tokenizer
 
@@ -1238,19 +1239,23 @@ def train(
     dcfg: D.DataConfig,
     log: Any = print,
     procs: int = 1,
+    prefetch: int = 0,
 ) -> Path:
     """Train (or resume) and export to ``out_dir``. Returns ``out_dir``. ``procs > 1``:
     that many CPU processes share each batch (``replicas``); the run, its state and its
-    checkpoints are the same as one process's, so either may resume the other."""
+    checkpoints are the same as one process's, so either may resume the other.
+    ``prefetch``: batches made ahead on a background thread (``prefetch.Prefetcher``;
+    0: each made when its step starts); the batches, hence the run, are the same."""
     if procs > 1:
         if torch.cuda.is_available():
             raise RunError("--procs splits batches over CPU processes: with a GPU leave it at 1")
         if cfg.batch % procs:
             raise RunError(f"--batch {cfg.batch} does not split into --procs {procs} equal shares")
         check(cfg)
-        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, leader={"log": log})
+        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, None, prefetch,
+               leader={"log": log})  # fmt: skip
     else:
-        _train(None, data_root, run_dir, out_dir, cfg, dcfg, log)
+        _train(None, data_root, run_dir, out_dir, cfg, dcfg, log, prefetch)
     return out_dir
 
 
@@ -1262,6 +1267,7 @@ def _train(
     cfg: TrainConfig,
     dcfg: D.DataConfig,
     log: Any = None,
+    prefetch: int = 0,
 ) -> None:
     leader = rep is None or rep.leader
     if log is None or not leader:  # the other replicas stay quiet
@@ -1296,9 +1302,22 @@ def _train(
     if leader:
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model.train()
+    ahead = Prefetcher(tr.batch, run.step, prefetch) if prefetch > 0 else None
+    try:
+        _loop(tr, run, rep, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+    run.close()
+
+
+def _loop(
+    tr: Trainer, run: RunState, rep: Replicas | None, ahead: Prefetcher[list[Example]] | None
+) -> None:
     while run.running():
         lr = run.lr() if rep is None else rep.leaders(run.lr())[0]  # rank 0 owns the clock
-        vals, gn = tr.step(tr.batch(run.step), lr)
+        batch = ahead.get(run.step) if ahead is not None else tr.batch(run.step)
+        vals, gn = tr.step(batch, lr)
         if rep is not None:
             vals = rep.mean_values(vals, LOGGED)
         go = run.record(vals, lr=lr, gnorm=gn)
@@ -1308,7 +1327,6 @@ def _train(
                 raise RuntimeError(f"the replicas' weights differ at step {run.step}")
         if not go:
             break
-    run.close()
 
 
 def _quiet(_: str) -> None:

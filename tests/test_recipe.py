@@ -713,6 +713,34 @@ def test_voice_shift_changes_the_audio_of_a_batch_and_nothing_else(tmp_path: Pat
 
 
 @needs_espeak
+def test_channel_changes_the_speech_of_a_batch_and_keeps_its_timing(tmp_path: Path) -> None:
+    """``rawcast train --channel``: the same step's batch, the same tasks, targets and
+    alignment windows (the filter moves nothing in time), each speech example's audio
+    through a random channel (same length, other samples), drawn from a stream of its
+    own so that the rest of the batch is the run's without it."""
+    dcfg = _training_slice(tmp_path)
+    tr = T.build(tmp_path, T.TrainConfig(**SMALL), dcfg)
+    flags: dict[str, Any] = {**SMALL, "batch": 8, "align_weight": 0.5, "voice_shift": 0.5}
+    plain = T.TrainConfig(**flags)
+    channel = T.TrainConfig(**flags, channel=1.0)
+    changed = speech = 0
+    for step in range(3):
+        a = T.make_batch(tr.fmt, tr.corpus, plain, step, tr.lex)
+        b = T.make_batch(tr.fmt, tr.corpus, channel, step, tr.lex)
+        again = T.make_batch(tr.fmt, tr.corpus, channel, step, tr.lex)
+        for x, y, z in zip(a, b, again, strict=True):
+            assert (x.task, x.tokens, x.ctc, x.align) == (y.task, y.tokens, y.ctc, y.align)
+            assert y.audio is None or (z.audio is not None and np.array_equal(y.audio, z.audio))
+            if x.task == "caption":
+                continue
+            assert x.audio is not None and y.audio is not None
+            assert x.audio.shape == y.audio.shape
+            changed += not np.array_equal(x.audio, y.audio)
+            speech += 1
+    assert speech > 0 and changed == speech  # --channel 1: every one
+
+
+@needs_espeak
 def test_mixed_examples_put_both_modalities_in_one_segment(tmp_path: Path) -> None:
     """``--mixed``: a transcription or translation gets a camera frame's patch grid amid
     its audio and a caption gets speech before its picture (a call with a camera, as the

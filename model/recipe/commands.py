@@ -50,6 +50,7 @@ def train_command(
     vision_weight: float = 0.5,
     voice_shift: float = 0.0,
     voice_warp: float = 0.0,
+    channel: float = 0.0,
     caption_corrupt: float = 0.0,
     count_weight: float = 0.0,
     ctc_weight: float = 1.0,
@@ -86,6 +87,7 @@ def train_command(
         vision_weight=vision_weight,
         voice_shift=voice_shift,
         voice_warp=voice_warp,
+        channel=channel,
         caption_corrupt=caption_corrupt,
         count_weight=count_weight,
         ctc_weight=ctc_weight,
@@ -303,6 +305,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "pitch and timing kept (a vocal tract the voice does not have); default 0",
     )
     train.add_argument(
+        "--channel",
+        type=share,
+        default=0.0,
+        help="share of speech examples through a random channel at training time: a smooth "
+        "random EQ, up to two notched bands and two silenced 40-120 ms spans (SpecAugment's "
+        "masks on the waveform; timing kept); default 0",
+    )
+    train.add_argument(
         "--caption-corrupt",
         type=share,
         default=0.0,
@@ -359,7 +369,7 @@ RECIPE_SETS = frozenset({
     "steps", "max_minutes", "batch", "lr", "task_mix", "vision_weight", "voice_shift",
     "voice_warp", "caption_corrupt", "count_weight", "ctc_weight", "align_weight",
     "align_layers", "align_heads", "frontend", "precision", "layers", "hidden", "intermediate",
-    "ctc_layer", "init_from", "drafter", "draw_from", "mixed", "mixed_align",
+    "ctc_layer", "init_from", "drafter", "draw_from", "mixed", "mixed_align", "channel",
 })  # fmt: skip  # what a --recipe's phases decide (phases.PHASE_KEYS and the rest)
 
 
@@ -433,6 +443,7 @@ def _train_model(args: argparse.Namespace) -> None:
         vision_weight=args.vision_weight,
         voice_shift=args.voice_shift,
         voice_warp=args.voice_warp,
+        channel=args.channel,
         caption_corrupt=args.caption_corrupt,
         count_weight=args.count_weight,
         ctc_weight=args.ctc_weight,

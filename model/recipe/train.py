@@ -188,6 +188,7 @@ class TrainConfig:
     vision_weight: float = 0.5  # the training-only per-cell colour/shape loss
     voice_shift: float = 0.0  # share of speech examples resampled as a shorter/longer voice
     voice_warp: float = 0.0  # share of speech examples with their formants moved (warp.py)
+    channel: float = 0.0  # share of speech examples through a random channel (channel_augment)
     caption_corrupt: float = 0.0  # share of caption colour words fed as another colour
     count_weight: float = 0.0  # the training-only per-cell group-count loss (0: no count head)
     align_weight: float = 0.0  # the training-only guided-attention loss (align.py; 0: off)
@@ -417,6 +418,9 @@ def make_batch(
         if cfg.voice_warp > 0:  # a stream of its own too; nothing moves in time
             audio = warp.voice_warp(audio, np.random.default_rng([cfg.seed, 17, step, b]),
                                     cfg.voice_warp)  # fmt: skip
+        if cfg.channel > 0:  # a stream of its own; a linear filter and gaps: nothing moves
+            audio = channel_augment(audio, np.random.default_rng([cfg.seed, 23, step, b]),
+                                    cfg.channel)  # fmt: skip
         lex_t = lex if task == "transcribe" else None
         aligned = ends if cfg.align_weight > 0 else None
         ex = speech_example(fmt, audio, target, task, lex_t, aligned)

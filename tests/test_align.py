@@ -182,7 +182,7 @@ def test_align_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     got: list[T.TrainConfig] = []
     monkeypatch.setattr(D, "generate", lambda *a, **k: [])
     monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
-    monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, log, procs: got.append(cfg))
+    monkeypatch.setattr(T, "train", lambda root, run, out, cfg, dcfg, **k: got.append(cfg))
     flags = "train --align-weight 0.5 --align-layers 2,-1 --align-heads 3 --out x".split()
     args = build_parser().parse_args(flags)
     assert args.func(args) == 0

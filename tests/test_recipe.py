@@ -507,17 +507,19 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
 
     got: list[T.TrainConfig] = []
     procs_seen: list[int] = []
+    prefetch_seen: list[int] = []
     monkeypatch.setattr(D, "generate", lambda *a, **k: [])
     monkeypatch.setattr(D, "content_hash", lambda paths: "0" * 16)
 
     def train(root: Path, run: Path, out: Path, cfg: T.TrainConfig, dcfg: D.DataConfig, log: Any,
-              procs: int) -> None:  # fmt: skip
+              procs: int, prefetch: int) -> None:  # fmt: skip
         got.append(cfg)
         procs_seen.append(procs)
+        prefetch_seen.append(prefetch)
 
     monkeypatch.setattr(T, "train", train)
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
-    flags += " --procs 2 --voice-warp 0.4"
+    flags += " --procs 2 --voice-warp 0.4 --prefetch 3 --channel 0.3"
     flags += " --caption-corrupt 0.5 --count-weight 0.5"
     shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
     args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
@@ -529,8 +531,9 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     assert cfg.task_mix == (0.5, 0.0, 0.5) and cfg.lr == 1e-3
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
     assert procs_seen == [2] and cfg.voice_warp == 0.4 and T.TrainConfig().voice_warp == 0.0
+    assert prefetch_seen == [3] and cfg.channel == 0.3 and T.TrainConfig().channel == 0.0
     defaults = build_parser().parse_args(["train"])
-    assert defaults.procs == 1
+    assert defaults.procs == 1 and defaults.prefetch == 0
     assert (defaults.layers, defaults.hidden, defaults.intermediate, defaults.ctc_layer) == (
         T.TrainConfig().layers, T.TrainConfig().hidden, T.TrainConfig().intermediate,
         T.TrainConfig().ctc_layer,

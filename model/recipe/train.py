@@ -1256,10 +1256,10 @@ def train(
         if cfg.batch % procs:
             raise RunError(f"--batch {cfg.batch} does not split into --procs {procs} equal shares")
         check(cfg)
-        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, None, prefetch,
+        launch(procs, _train, data_root, run_dir, out_dir, cfg, dcfg, prefetch,
                leader={"log": log})  # fmt: skip
     else:
-        _train(None, data_root, run_dir, out_dir, cfg, dcfg, log, prefetch)
+        _train(None, data_root, run_dir, out_dir, cfg, dcfg, prefetch, log)
     return out_dir
 
 
@@ -1270,8 +1270,8 @@ def _train(
     out_dir: Path,
     cfg: TrainConfig,
     dcfg: D.DataConfig,
-    log: Any = None,
     prefetch: int = 0,
+    log: Any = None,
 ) -> None:
     leader = rep is None or rep.leader
     if log is None or not leader:  # the other replicas stay quiet

@@ -91,6 +91,9 @@ SHIPPED: tuple[Phase, ...] = (
     # ran under a 100-minute budget; 7940 is the step it reached
     Phase("10", 7940, flags={**_PHASE_8, "draw_from": 12000, **_MIXED}),
     Phase("11", 6500, flags={**_PHASE_8, "draw_from": 19940, **_MIXED}),
+    # from phase 11's export (its run directory did not survive a change of VM: the
+    # training-only heads start afresh); half the speech through a random channel
+    Phase("12", 5000, "export", {**_PHASE_8, "draw_from": 26440, "mixed": 0.25, "channel": 0.5}),
 )
 RECIPES = {"shipped": SHIPPED}
 

@@ -874,14 +874,15 @@ def test_prefetched_batches_train_the_same_run(tmp_path: Path) -> None:
     trains: the run it trains (every weight, every logged loss) is the one without it."""
     dcfg = _training_slice(tmp_path)
     cfg = T.TrainConfig(steps=3, mixed=0.5, voice_shift=0.5, **SMALL)
-    runs = {}
+    weights, losses = {}, {}
     for prefetch in (0, 2):
         run = tmp_path / f"run{prefetch}"
         T.train(tmp_path, run, tmp_path / f"out{prefetch}", cfg, dcfg, log=lambda _: None,
                 prefetch=prefetch)  # fmt: skip
-        runs[prefetch] = torch.load(run / "state.pt", weights_only=False)["model"]
-        losses = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
-        runs[prefetch]["losses"] = torch.tensor(losses)
-    assert runs[0].keys() == runs[2].keys()
-    for k, v in runs[0].items():
-        assert torch.equal(v, runs[2][k]), k
+        weights[prefetch] = torch.load(run / "state.pt", weights_only=False)["model"]
+        logged = (run / "log.jsonl").read_text().splitlines()
+        losses[prefetch] = [json.loads(x)["loss"] for x in logged]
+    assert len(losses[0]) == 3 and losses[0] == losses[2]
+    assert weights[0].keys() == weights[2].keys()
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[2][k]), k

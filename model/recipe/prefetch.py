@@ -37,10 +37,10 @@ class Prefetcher(Generic[B]):
             raise ValueError(f"depth must be at least 1, got {depth}")
         self._make = make
         self._depth = depth
-        self._q: queue.Queue[tuple[int, B | None, BaseException | None]] = queue.Queue(depth)
-        self._stop = threading.Event()
+        self._q: queue.Queue[tuple[int, B | None, BaseException | None]]
+        self._stop: threading.Event
+        self._next: int
         self._thread: threading.Thread | None = None
-        self._next = start
         self._launch(start)
 
     def _launch(self, start: int) -> None:

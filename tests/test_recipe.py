@@ -21,6 +21,7 @@ from rawcast.model.gemma4 import Append, Gemma4Unified
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import decode, scenes, speech, text
 from rawcast.model.recipe import train as T
+from rawcast.model.recipe.average import TailAverage
 from rawcast.model.recipe.evaluate import wer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -520,7 +521,7 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(T, "train", train)
     flags = "--ctc-weight 3 --vision-weight 2 --voice-shift 0.25 --task-mix 1,0,1 --lr 1e-3"
     flags += " --procs 2 --voice-warp 0.4 --prefetch 3 --channel 0.3"
-    flags += " --caption-corrupt 0.5 --count-weight 0.5"
+    flags += " --caption-corrupt 0.5 --count-weight 0.5 --average-last 5"
     shape = "--layers 6 --hidden 128 --intermediate 384 --ctc-layer 3"
     args = build_parser().parse_args(["train", *flags.split(), *shape.split(), "--out", "x"])
     assert args.func(args) == 0
@@ -532,6 +533,7 @@ def test_train_flags_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) 
     assert (cfg.layers, cfg.hidden, cfg.intermediate, cfg.ctc_layer) == (6, 128, 384, 3)
     assert procs_seen == [2] and cfg.voice_warp == 0.4 and T.TrainConfig().voice_warp == 0.0
     assert prefetch_seen == [3] and cfg.channel == 0.3 and T.TrainConfig().channel == 0.0
+    assert cfg.average_last == 5 and T.TrainConfig().average_last == 0
     defaults = build_parser().parse_args(["train"])
     assert defaults.procs == 1 and defaults.prefetch == 0
     assert (defaults.layers, defaults.hidden, defaults.intermediate, defaults.ctc_layer) == (
@@ -886,3 +888,41 @@ def test_prefetched_batches_train_the_same_run(tmp_path: Path) -> None:
     assert weights[0].keys() == weights[2].keys()
     for k, v in weights[0].items():
         assert torch.equal(v, weights[2][k]), k
+
+
+def test_tail_average_keeps_the_last_scheduled_saves() -> None:
+    """``--average-last N`` averages the run's last N scheduled saves: every
+    ``export_every`` steps and the last step, whichever the run's length."""
+    assert TailAverage(Path("t"), 5, 200, 5000).steps_kept() == [4200, 4400, 4600, 4800, 5000]
+    assert TailAverage(Path("t"), 3, 200, 5100).steps_kept() == [4800, 5000, 5100]
+    assert TailAverage(Path("t"), 4, 200, 300).steps_kept() == [200, 300]
+    assert not TailAverage(Path("t"), 1, 200, 5000).on
+
+
+@needs_espeak
+def test_average_last_exports_the_mean_of_the_last_saves(tmp_path: Path) -> None:
+    """``rawcast train --average-last 2``: the export is the mean of the weights at the
+    last two saves (the step-2 snapshot is the weights a 2-step run ends with), while the
+    run's own state keeps the trained weights for the next phase."""
+    from rawcast.model.loader import load
+
+    dcfg = _training_slice(tmp_path)
+    quiet = lambda _: None  # noqa: E731
+    T.train(tmp_path, tmp_path / "plain", tmp_path / "out-plain",
+            T.TrainConfig(steps=2, **SMALL), dcfg, log=quiet)  # fmt: skip
+    T.train(tmp_path, tmp_path / "run", tmp_path / "out",
+            T.TrainConfig(steps=3, average_last=2, **SMALL), dcfg, log=quiet)  # fmt: skip
+    snaps = sorted((tmp_path / "run" / "tail").glob("*.pt"))
+    assert [p.name for p in snaps] == ["00000002.pt", "00000003.pt"]
+    at2, at3 = (torch.load(p, weights_only=True) for p in snaps)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)["model"]
+    plain = load(tmp_path / "out-plain").state_dict()
+    exported = load(tmp_path / "out").state_dict()
+    moved = 0
+    for k, v in exported.items():
+        assert torch.equal(at2[k], plain[k]), k
+        assert torch.equal(at3[k], state[k]), k
+        mean = ((at2[k].double() + at3[k].double()) / 2).float()
+        assert torch.allclose(v, mean, rtol=0, atol=1e-7), k
+        moved += not torch.equal(at2[k], at3[k])
+    assert moved > 0  # the two saves differ, so the mean is neither of them

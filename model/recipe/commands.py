@@ -64,6 +64,7 @@ def train_command(
     draw_from: int = 0,
     mixed: float = 0.0,
     mixed_align: bool = True,
+    average_last: int = 0,
     log: Any = print,
 ) -> Path:
     from rawcast.model.recipe import data as D
@@ -101,6 +102,7 @@ def train_command(
         draw_from=draw_from,
         mixed=mixed,
         mixed_align=mixed_align,
+        average_last=average_last,
     )
     out = out_dir if out_dir is not None else default_out()
     T.train(data_dir, run_dir, out, cfg, dcfg, log=log, procs=procs, prefetch=prefetch)
@@ -321,6 +323,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "default 0",
     )
     train.add_argument(
+        "--average-last",
+        type=at_least(0),
+        default=0,
+        metavar="N",
+        help="the export at the run's last step is the mean of the model's weights at its "
+        "last N saves (every 200 steps; checkpoint averaging), kept in RUN_DIR/tail; the "
+        "run's state keeps the trained weights; default 0: the final weights",
+    )
+    train.add_argument(
         "--drafter",
         action="store_true",
         help="train the MTP drafter for --target instead (speculative decoding; needs the "
@@ -370,6 +381,7 @@ RECIPE_SETS = frozenset({
     "voice_warp", "caption_corrupt", "count_weight", "ctc_weight", "align_weight",
     "align_layers", "align_heads", "frontend", "precision", "layers", "hidden", "intermediate",
     "ctc_layer", "init_from", "drafter", "draw_from", "mixed", "mixed_align", "channel",
+    "average_last",
 })  # fmt: skip  # what a --recipe's phases decide (phases.PHASE_KEYS and the rest)
 
 
@@ -457,6 +469,7 @@ def _train_model(args: argparse.Namespace) -> None:
         draw_from=args.draw_from,
         mixed=args.mixed,
         mixed_align=args.mixed_align == "on",
+        average_last=args.average_last,
         **_given(args),
     )
 

@@ -65,6 +65,7 @@ from rawcast.model.prompt import PromptFormat
 from rawcast.model.recipe import align as A
 from rawcast.model.recipe import data as D
 from rawcast.model.recipe import scenes, speech, warp
+from rawcast.model.recipe.average import TailAverage
 from rawcast.model.recipe.config import TOKEN_IDS, tiny_config
 from rawcast.model.recipe.prefetch import Prefetcher
 from rawcast.model.recipe.replicas import Replicas, launch
@@ -198,6 +199,7 @@ class TrainConfig:
     draw_from: int = 0  # step k trains on the batch of step draw_from + k (fresh data)
     mixed: float = 0.0  # share of examples with the other modality in the segment (a call)
     mixed_align: bool = True  # their transcriptions keep the guided-alignment windows
+    average_last: int = 0  # the last step's export: the mean of the last N saves (average.py)
 
 
 @dataclass
@@ -1289,9 +1291,18 @@ def _train(
     across = f", {rep.world} processes" if rep is not None else ""
     log(f"model: {shape}, {n / 1e6:.1f}M parameters, {mb:.0f} MB in fp32{over}{across}")
 
+    tail = TailAverage(run_dir / "tail", cfg.average_last, cfg.export_every, cfg.steps)
+
     def save_model() -> None:
         model.eval()
-        export(model, out_dir)
+        tail.keep(run.step, model)
+        if tail.on and run.step == cfg.steps:
+            if tail.missing():
+                log(f"--average-last: no snapshot of step(s) {tail.missing()} (saved before "
+                    "the run averaged); the mean of the others is exported")  # fmt: skip
+            export(tail.averaged(model), out_dir)
+        else:
+            export(model, out_dir)
         model.train()
 
     parts: dict[str, Any] = {"model": model, "head": tr.head, "vision_head": tr.vhead}

@@ -126,13 +126,21 @@ def test_streamed_equals_offline_when_the_engine_sees_the_same_audio(
     model: Gemma4Unified, data_dir: Path
 ) -> None:
     """Without VAD or trailing silence the engine decodes exactly the offline audio: every
-    streamed figure equals its offline one (and the clip texts agree)."""
+    streamed figure equals its offline one (and the clip texts agree), the camera pass's
+    too: the engine puts the picture pushed at the clip's middle where the offline pass
+    does, and the caption decoded there leaves the speech's decode as it was."""
     r = evaluate(model, data_dir, n_scenes=0, stream=StreamConfig(vad=False, trail_s=0.0))
     st = r["streamed"]
     assert [e["streamed"] for e in r["examples"]] == [e["hyp"] for e in r["examples"]]
     assert st["wer"] == r["wer_heldout_voices"] and st["wer_by_voice"] == r["wer_by_voice"]
     assert st["chrf_en_es"] == r["chrf_en_es"]
     assert r["examples"][0]["hyp"]  # a real decode, not two empty strings
+    cams = [(e["streamed_with_camera"], e["with_camera"]) for e in r["examples"]]
+    assert all(a == b for a, b in cams) and cams[0][0], cams
+    assert st["with_camera"] == r["with_camera"] and set(st["with_camera"]) == {"wer", "chrf_en_es"}
+    for name in ("offline", "streamed"):
+        wer_cam = 100 * r["with_camera"]["wer"]
+        assert f"with a camera frame mid-utterance ({name}): WER {wer_cam:.1f}%" in summary(r)
 
 
 def test_a_camera_session_captions_a_scene_as_the_offline_pass_does(

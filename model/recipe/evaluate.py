@@ -170,7 +170,7 @@ def evaluate(
         )
     offline = mode in ("offline", "both")
     streamer = ClipStreamer(model, stream) if mode in ("streamed", "both") else None
-    off, st, cam = _Speech(), _Speech(), _Speech()
+    off, st, cam, st_cam = _Speech(), _Speech(), _Speech(), _Speech()
     examples: list[dict[str, str]] = []
     prefix_refs: list[str] = []
     prefix_hyps: list[str] = []
@@ -180,6 +180,8 @@ def evaluate(
     for i, (meta, audio, ends) in enumerate(heldout_clips(data_root, max_clips)):
         count += 1
         example = {"voice": meta["voice"], "ref": meta["text"]}
+        # the same clip in a call with a camera: a held-out scene mid-utterance
+        pic = scenes.scene(seed + CAMERA_SCENES, i, heldout=True)[0]
         if offline:
             t = time.perf_counter()
             hyp = decode.transcribe(model, audio)
@@ -189,8 +191,6 @@ def evaluate(
             prefix_refs.append(kept)
             prefix_hyps.append(decode.transcribe(model, cut))
             example["hyp"] = hyp
-            # the same clip in a call with a camera: a held-out scene mid-utterance
-            pic = scenes.scene(seed + CAMERA_SCENES, i, heldout=True)[0]
             hyp_c = decode.transcribe(model, audio, picture=pic)
             es_c = decode.transcribe(model, audio, "translate", pic) if meta["es"] else None
             cam.add(meta, hyp_c, es_c)
@@ -205,6 +205,9 @@ def evaluate(
             if got.end is not None and ends:
                 latencies.append(got.end - ends[-1] / SAMPLE_RATE)
             example["streamed"] = got.text
+            got_c = streamer(audio, translate=bool(meta["es"]), picture=pic)
+            st_cam.add(meta, got_c.text, got_c.translation)
+            example["streamed_with_camera"] = got_c.text
             seconds["streamed"] += time.perf_counter() - t
         if len(examples) < 12:
             examples.append(example)
@@ -214,8 +217,7 @@ def evaluate(
         result["wer_heldout_voices"] = scores.pop("wer")
         result.update(scores)
         result["wer_truncated_prefix"] = wer(prefix_refs, prefix_hyps) if prefix_refs else None
-        with_cam = cam.scores()
-        result["with_camera"] = {k: with_cam[k] for k in ("wer", "chrf_en_es") if k in with_cam}
+        result["with_camera"] = _camera(cam)
     if streamer is not None:
         result["streamed"] = {
             **st.scores(),
@@ -224,6 +226,7 @@ def evaluate(
             "clips_split": split,
             "vad": streamer.config.vad,
             "trail_s": streamer.config.trail_s,
+            "with_camera": _camera(st_cam),
             "seconds": round(seconds["streamed"], 1),
             **_captions(streamer.caption, seed, n_scenes),
         }
@@ -238,6 +241,11 @@ def evaluate(
 
 
 CAMERA_SCENES = 555  # the camera pictures' seed offset (the caption scenes use 999)
+
+
+def _camera(speech: _Speech) -> dict[str, float]:
+    scores = speech.scores()
+    return {k: scores[k] for k in ("wer", "chrf_en_es") if k in scores}
 
 
 def _seen(model: Gemma4Unified, data_root: Path, n: int) -> dict[str, Any]:
@@ -344,12 +352,13 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(
             f"WER of the prefix on truncated clips: {100 * result['wer_truncated_prefix']:.1f}%"
         )
-    cam = result.get("with_camera") or {}
-    if cam.get("wer") is not None:
-        es = f", chrF EN->ES {cam['chrf_en_es']:.1f}" if "chrf_en_es" in cam else ""
-        lines.append(
-            f"with a camera frame mid-utterance (offline): WER {100 * cam['wer']:.1f}%{es}"
-        )
+    for name, r in (("offline", result), ("streamed", st)):
+        cam = r.get("with_camera") or {}
+        if cam.get("wer") is not None:
+            es = f", chrF EN->ES {cam['chrf_en_es']:.1f}" if "chrf_en_es" in cam else ""
+            lines.append(
+                f"with a camera frame mid-utterance ({name}): WER {100 * cam['wer']:.1f}%{es}"
+            )
     if "chrf_en_es" in result or "chrf_en_es" in st:
         parts = [
             f"{name} {r['chrf_en_es']:.1f} {r['chrf_by_source']}"

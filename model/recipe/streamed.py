@@ -6,6 +6,9 @@ in 40 ms chunks as a live stream sends them; transcription and, for clips with a
 Spanish reference, translation into Spanish run in the same session. The clip's
 streamed text is the final text of its segments, joined. Each scene goes to a camera
 session (captions only) as one picture; its caption is the session's final caption.
+Each clip is streamed once more with a held-out scene pushed at its middle, captions on,
+as a call with a camera runs (the engine appends the picture to the segment amid the
+speech): the streamed counterpart of the offline camera pass.
 
 Design decisions:
 
@@ -30,6 +33,7 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -75,8 +79,8 @@ class ClipStreamer:
         self.core = EngineCore(model, vad_model=SileroModel() if self.config.vad else None)
         self._trail = np.zeros(round(self.config.trail_s * SAMPLE_RATE), np.float32)
 
-    def session_config(self, translate: bool) -> SessionConfig:
-        tasks = Tasks(transcribe=True, translate=LANGUAGE if translate else None)
+    def session_config(self, translate: bool, caption: bool = False) -> SessionConfig:
+        tasks = Tasks(transcribe=True, translate=LANGUAGE if translate else None, caption=caption)
         max_s = self.core.config.max_segment_s
         return SessionConfig(
             tasks=tasks,
@@ -91,9 +95,22 @@ class ClipStreamer:
         _, captions = final_text(replay(self.core, [(picture, 0.0)], config))
         return " ".join(c.text for c in captions)
 
-    def __call__(self, audio: npt.NDArray[np.float32], translate: bool) -> StreamedClip:
+    def __call__(
+        self,
+        audio: npt.NDArray[np.float32],
+        translate: bool,
+        picture: npt.NDArray[np.uint8] | None = None,
+    ) -> StreamedClip:
+        """The clip's streamed text; with ``picture``, a camera frame pushed after the
+        audio frame at the clip's middle (where the offline camera pass puts it), captions
+        on."""
         x = np.concatenate([audio.astype(np.float32), self._trail])
-        events = replay(self.core, chunks(x), self.session_config(translate))
+        media: list[Any] = chunks(x)
+        if picture is not None:
+            half = (audio.size + FRAME_SAMPLES - 1) // FRAME_SAMPLES // 2
+            media.insert(half, (picture, half * FRAME_SAMPLES / SAMPLE_RATE))
+        config = self.session_config(translate, caption=picture is not None)
+        events = replay(self.core, media, config)
         segments, _ = final_text(events)
         return StreamedClip(
             text=" ".join(s.text for s in segments if s.text),

@@ -41,15 +41,17 @@ def test_the_shipped_recipe_is_what_train_accepts() -> None:
         assert set(ph.flags) <= P.PHASE_KEYS and ph.steps > 0 and ph.start in P.STARTS
         if "task_mix" in ph.flags:
             assert abs(sum(ph.flags["task_mix"]) - 1) < 1e-9
-    assert [ph.name for ph in P.SHIPPED if ph.start == "export"] == ["al", "vs", "12"]
-    assert sum(ph.steps for ph in P.SHIPPED) == 61_420
+    assert [ph.name for ph in P.SHIPPED if ph.start == "export"] == ["al", "vs", "12", "13"]
+    assert sum(ph.steps for ph in P.SHIPPED) == 66_420
     # phase 11 draws the batches after phases 9 and 10's 12000 + 7940 steps, phase 12
-    # those after phase 11's 6500 more
-    p11, p12 = P.SHIPPED[-2:]
+    # those after phase 11's 6500 more, phase 13 those after phase 12's 5000
+    p11, p12, p13 = P.SHIPPED[-3:]
     assert p11.flags["draw_from"] == 19940 and p12.flags["draw_from"] == 26440
-    assert p11.flags["mixed"] == p12.flags["mixed"] == 0.25
+    assert p13.flags["draw_from"] == 31440
+    assert p11.flags["mixed"] == p12.flags["mixed"] == p13.flags["mixed"] == 0.25
     assert p11.flags["mixed_align"] is False  # as phases 10 and 11 trained
     assert "mixed_align" not in p12.flags and p12.flags["channel"] == 0.5
+    assert {**p13.flags, "draw_from": 26440} == p12.flags  # more of phase 12
 
 
 def test_phases_chain_and_a_second_call_resumes_where_the_first_stopped(tmp_path: Path) -> None:

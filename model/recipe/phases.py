@@ -94,6 +94,9 @@ SHIPPED: tuple[Phase, ...] = (
     # from phase 11's export (its run directory did not survive a change of VM: the
     # training-only heads start afresh); half the speech through a random channel
     Phase("12", 5000, "export", {**_PHASE_8, "draw_from": 26440, "mixed": 0.25, "channel": 0.5}),
+    # from phase 12's export (its run directory did not survive either): more of phase 12
+    # on the batches after it
+    Phase("13", 5000, "export", {**_PHASE_8, "draw_from": 31440, "mixed": 0.25, "channel": 0.5}),
 )
 RECIPES = {"shipped": SHIPPED}
 

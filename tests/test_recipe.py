@@ -894,10 +894,11 @@ def test_prefetched_batches_train_the_same_run(tmp_path: Path) -> None:
 def test_tail_average_keeps_the_last_scheduled_saves() -> None:
     """``--average-last N`` averages the run's last N scheduled saves: every
     ``export_every`` steps and the last step, whichever the run's length."""
-    assert TailAverage(Path("t"), 5, 200, 5000).steps_kept() == [4200, 4400, 4600, 4800, 5000]
-    assert TailAverage(Path("t"), 3, 200, 5100).steps_kept() == [4800, 5000, 5100]
-    assert TailAverage(Path("t"), 4, 200, 300).steps_kept() == [200, 300]
-    assert not TailAverage(Path("t"), 1, 200, 5000).on
+    assert TailAverage(Path("t"), 5, 200, 5000).kept == [4200, 4400, 4600, 4800, 5000]
+    assert TailAverage(Path("t"), 3, 200, 5100).kept == [4800, 5000, 5100]
+    assert TailAverage(Path("t"), 4, 200, 300).kept == [200, 300]
+    off = TailAverage(Path("t"), 1, 200, 5000)
+    assert not off.on and off.kept == []
 
 
 @needs_espeak

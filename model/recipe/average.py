@@ -27,25 +27,16 @@ class TailAverage:
 
     def __init__(self, folder: Path, n: int, every: int, steps: int) -> None:
         self.folder = folder
-        self.n = n
-        self.every = every
-        self.steps = steps
-
-    @property
-    def on(self) -> bool:
-        return self.n > 1
-
-    def steps_kept(self) -> list[int]:
-        """The steps whose weights are averaged: the last ``n`` scheduled saves."""
-        due = {s for s in range(self.every, self.steps + 1, self.every)} | {self.steps}
-        return sorted(due)[-self.n :]
+        self.on = n > 1
+        due = {*range(every, steps + 1, every), steps}  # the scheduled saves
+        self.kept = sorted(due)[-n:] if self.on else []  # the last n: the steps averaged
 
     def _file(self, step: int) -> Path:
         return self.folder / f"{step:08d}.pt"
 
     def keep(self, step: int, model: nn.Module) -> None:
         """Snapshot the weights if ``step`` is one of the averaged saves."""
-        if not self.on or step not in self.steps_kept():
+        if step not in self.kept:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / "snapshot.tmp.pt"
@@ -53,12 +44,12 @@ class TailAverage:
         tmp.replace(self._file(step))
 
     def missing(self) -> list[int]:
-        return [s for s in self.steps_kept() if not self._file(s).exists()]
+        return [s for s in self.kept if not self._file(s).exists()]
 
     def averaged(self, model: M) -> M:
         """A copy of ``model`` holding the mean of the kept snapshots (floating tensors;
         the others, e.g. integer buffers, as in ``model``)."""
-        files = [self._file(s) for s in self.steps_kept() if self._file(s).exists()]
+        files = [self._file(s) for s in self.kept if self._file(s).exists()]
         if not files:
             raise FileNotFoundError(f"no weights to average under {self.folder}")
         total: dict[str, torch.Tensor] = {}

@@ -58,6 +58,7 @@ _ALIGNED = {**_FINAL, "align_weight": 0.5, "ctc_weight": 3.0}
 # transcriptions it put a picture in (--mixed-align off)
 _MIXED = {"mixed": 0.25, "mixed_align": False}
 _PHASE_8 = {"task_mix": (0.45, 0.15, 0.4), "lr": 4e-4, **_ALIGNED, "voice_shift": 0.8}
+_PHASE_12 = {**_PHASE_8, "mixed": 0.25, "channel": 0.5}
 SHIPPED: tuple[Phase, ...] = (
     Phase("sub", 6084, flags={"frontend": "subwindow"}),
     Phase("ft", 2481, flags={"task_mix": (0.5, 0.15, 0.35), "lr": 5e-4}),
@@ -93,10 +94,10 @@ SHIPPED: tuple[Phase, ...] = (
     Phase("11", 6500, flags={**_PHASE_8, "draw_from": 19940, **_MIXED}),
     # from phase 11's export (its run directory did not survive a change of VM: the
     # training-only heads start afresh); half the speech through a random channel
-    Phase("12", 5000, "export", {**_PHASE_8, "draw_from": 26440, "mixed": 0.25, "channel": 0.5}),
+    Phase("12", 5000, "export", {**_PHASE_12, "draw_from": 26440}),
     # from phase 12's export (its run directory did not survive either): more of phase 12
     # on the batches after it
-    Phase("13", 5000, "export", {**_PHASE_8, "draw_from": 31440, "mixed": 0.25, "channel": 0.5}),
+    Phase("13", 5000, "export", {**_PHASE_12, "draw_from": 31440}),
 )
 RECIPES = {"shipped": SHIPPED}
 

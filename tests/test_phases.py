@@ -168,6 +168,23 @@ def test_the_cli_runs_the_recipe_with_its_shared_flags(
     assert calls[0]["frontend"] == "subwindow" and calls[0]["init_from"] is None
 
 
+def test_a_phase_may_train_on_more_clips_than_the_ones_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train_clips`` is a phase's own: a later phase may extend the data (the first
+    shards stay those of the phases before); phases without it keep the default."""
+    from rawcast.transports.cli import main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(commands, "train_command", _fake_trainer(calls))
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps([{"name": "a", "steps": 2},
+                                  {"name": "b", "steps": 1, "train_clips": 30000}]))  # fmt: skip
+    assert main(["train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
+    assert [k["train_clips"] for k in calls] == [10_500, 30_000]
+    assert main(["train", "--recipe", str(recipe), "--train-clips", "5"]) == 2
+
+
 @needs_espeak
 def test_a_two_phase_recipe_trains_for_real_and_resumes(tmp_path: Path) -> None:
     """On a tiny slice: phase 2 starts from phase 1's weights, the last phase exports a

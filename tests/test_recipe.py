@@ -642,6 +642,25 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
             got = getattr(tr, attr).state_dict()
             assert all(torch.equal(v, want[k]) for k, v in got.items()), (src.name, name)
         assert not tr.opt.state
+    # A phase over more clips may label more phones: a CTC head trained on another
+    # inventory starts afresh (one logged line) while the rest carries over; a run from
+    # before the inventory was saved keeps its head where the size matches.
+    labels_file = tmp_path / "run" / T.CTC_LABELS
+    labels = json.loads(labels_file.read_text())
+    assert labels == T.ctc_inventory(fresh.lex) and len(labels) > 1
+    for stored, kept in ((labels[::-1], False), (None, True), (labels, True)):
+        if stored is None:
+            labels_file.unlink()
+        else:
+            labels_file.write_text(json.dumps(stored))
+        notes: list[str] = []
+        tr = T.build(tmp_path, T.TrainConfig(init_from=str(tmp_path / "run"), **SMALL), dcfg,
+                     log=notes.append)  # fmt: skip
+        want = saved["head"]["weight"] if kept else fresh.head.weight
+        assert torch.equal(tr.head.weight, want) and torch.equal(
+            tr.vhead.weight, saved["vision_head"]["weight"]
+        )
+        assert bool(notes) != kept and all("CTC head starts afresh" in n for n in notes)
     # The data directory made again may number the same tokens otherwise: a run keeps
     # its own tokenizer (saved in the run dir) and a second phase takes its source's.
     assert (tmp_path / "run" / "tokenizer.json").read_text() == (
@@ -869,6 +888,26 @@ def test_data_of_another_config_is_not_extended(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"another config \(flite_share differ\)"):
         D.generate(tmp_path, D.DataConfig(seed=7, train_clips=0, eval_clips_per_voice=0,
                                           flite_share=0.2))  # fmt: skip
+
+
+def test_a_corpus_reads_only_the_shards_of_its_clips(tmp_path: Path) -> None:
+    """A data directory extended for a later phase (``train_clips`` 10 500 -> 30 000, the
+    first shards unchanged) must not change what a run made with the smaller config
+    trains on: its corpus stops at the shards its clips fill."""
+
+    def clip(i: int) -> D.Clip:
+        return D.Clip(np.full(8, i / 1000, np.float32), f"w{i}", "", [8], "v", "", "grammar")
+
+    for k in range(3):
+        D.save_shard(tmp_path / f"train-{k:04d}.npz", [clip(k * 10 + j) for j in range(2)])
+    texts = lambda c: sorted(m["text"] for s in c.shards for m in s.meta)  # noqa: E731
+    assert texts(T.Corpus(tmp_path, D.SHARD + 1)) == ["w0", "w1", "w10", "w11"]
+    assert texts(T.Corpus(tmp_path, D.SHARD)) == ["w0", "w1"]
+    assert len(T.Corpus(tmp_path)) == 6  # no config: every shard
+    grown = T.Corpus(tmp_path, 1)
+    D.save_shard(tmp_path / "train-0003.npz", [clip(30)])
+    grown.refresh()  # a run's periodic refresh still ignores the others' shards
+    assert texts(grown) == ["w0", "w1"]
 
 
 @needs_espeak

@@ -381,7 +381,7 @@ RECIPE_SETS = frozenset({
     "voice_warp", "caption_corrupt", "count_weight", "ctc_weight", "align_weight",
     "align_layers", "align_heads", "frontend", "precision", "layers", "hidden", "intermediate",
     "ctc_layer", "init_from", "drafter", "draw_from", "mixed", "mixed_align", "channel",
-    "average_last",
+    "average_last", "train_clips",
 })  # fmt: skip  # what a --recipe's phases decide (phases.PHASE_KEYS and the rest)
 
 
@@ -432,7 +432,7 @@ def _train_recipe(args: argparse.Namespace) -> None:
     )  # fmt: skip
     out = args.out if args.out is not None else default_out()
     P.run(recipe, args.run_dir or DEFAULT_RUN, out,
-          lambda **phase: train_command(**shared, **phase))  # fmt: skip
+          lambda **phase: train_command(**{**shared, **phase}))  # fmt: skip
 
 
 def _train_model(args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ PHASE_KEYS = frozenset({
     "batch", "lr", "task_mix", "vision_weight", "voice_shift", "voice_warp",
     "caption_corrupt", "count_weight", "ctc_weight", "align_weight", "align_layers",
     "align_heads", "frontend", "precision", "layers", "hidden", "intermediate", "ctc_layer",
-    "draw_from", "mixed", "mixed_align", "channel", "average_last",
+    "draw_from", "mixed", "mixed_align", "channel", "average_last", "train_clips",
 })  # fmt: skip
 STARTS = ("run", "export")
 NO_TIME_BOUND = 1e9  # minutes: a phase ends at its steps, whatever the machine

@@ -338,16 +338,22 @@ def caption_example(
 
 
 class Corpus:
-    """Training shards in memory, sampled by a (seed, step) generator."""
+    """Training shards in memory, sampled by a (seed, step) generator. ``clips`` (the data
+    config's ``train_clips``) bounds the shards it reads: a directory that also holds the
+    shards of a larger config (a later phase's ``--train-clips``) does not change the
+    draw of a run made with the smaller one. ``None`` reads every training shard."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clips: int | None = None) -> None:
         self.root = root
+        self.limit = None if clips is None else -(-clips // D.SHARD)
         self.shards: list[D.Shard] = []
         self.names: list[str] = []
         self.refresh()
 
     def refresh(self) -> None:
         for p in D.shards(self.root, "train"):
+            if self.limit is not None and int(p.stem.rsplit("-", 1)[1]) >= self.limit:
+                continue
             if p.name not in self.names:
                 self.shards.append(D.load_shard(p))
                 self.names.append(p.name)
@@ -1166,7 +1172,11 @@ def check(cfg: TrainConfig) -> None:
 
 
 def build(
-    data_root: Path, cfg: TrainConfig, dcfg: D.DataConfig, run_dir: Path | None = None
+    data_root: Path,
+    cfg: TrainConfig,
+    dcfg: D.DataConfig,
+    run_dir: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Trainer:
     """A fresh model (the recipe's init), its CTC head and optimizer, over ``data_root``;
     the tokenizer is ``run_tokenizer``'s."""
@@ -1181,17 +1191,19 @@ def build(
     init_model(model, cfg.seed, cfg.frontend)
     model.tokenizer = tok
     model.image_budget = IMAGE_BUDGET  # exported with it: the engine patches pictures so
-    corpus = Corpus(data_root)
+    corpus = Corpus(data_root, dcfg.train_clips)
     if len(corpus) == 0:
         raise RuntimeError(f"no training shards under {data_root}: generate data first")
     lex = corpus.lexicon() if cfg.ctc_targets == "phones" else None
-    head = nn.Linear(cfg.hidden, 1 + (len(lex.phones) if lex else len(CTC_CHARS)))
+    labels = ctc_inventory(lex)
+    head = nn.Linear(cfg.hidden, 1 + len(labels))
     vhead = vision_head(cfg.hidden)
     heads: dict[str, nn.Linear] = {"head": head, "vision_head": vhead}
     if cfg.count_weight > 0:
         heads["count_head"] = count_head(cfg.hidden)
     if cfg.init_from:
-        start_from(Path(cfg.init_from), model, dict(heads))
+        for note in start_from(Path(cfg.init_from), model, dict(heads), labels):
+            (log or _quiet)(note)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     for h in heads.values():
@@ -1203,23 +1215,56 @@ def build(
     return Trainer(cfg, device, fmt, model, head, vhead, params, opt, corpus, lex, chead)
 
 
-def start_from(src: Path, model: Gemma4Unified, heads: dict[str, nn.Module]) -> None:
+CTC_LABELS = "ctc_labels.json"  # a run directory's CTC label inventory (phones or letters)
+
+
+def ctc_inventory(lex: Lexicon | None) -> list[str]:
+    """The CTC head's labels after the blank: the lexicon's phones, else the letters."""
+    return list(lex.phones) if lex is not None else list(CTC_CHARS)
+
+
+def start_from(
+    src: Path,
+    model: Gemma4Unified,
+    heads: dict[str, nn.Module],
+    labels: Sequence[str] | None = None,
+) -> list[str]:
     """Weights of another run (``src/state.pt``: the model and the heads it has) or of an
     exported checkpoint (the model only; the heads keep their fresh init) into a new
-    run's modules. Shapes must match."""
+    run's modules. Shapes must match, except the CTC head's: a run over more data may
+    label more phones (``labels``), and a head trained on another inventory starts
+    afresh. Returns what it did not load, as lines to log."""
     from rawcast.model.loader import load
 
+    notes: list[str] = []
     state = src / "state.pt"
     if state.exists():
         st = torch.load(state, map_location="cpu", weights_only=False)
         _load_same_shape(src, model, st["model"])
         for name, head in heads.items():
+            if name == "head" and name in st and labels is not None:
+                theirs, rows = _labels_of(src), st[name]["weight"].shape[0] - 1
+                if (theirs != list(labels)) if theirs is not None else rows != len(labels):
+                    notes.append(f"the CTC head starts afresh: {src} labelled {rows} phones or "
+                                 f"letters, this run's data {len(labels)}")  # fmt: skip
+                    continue
             if name in st:
                 _load_same_shape(src, head, st[name])
     elif (src / "config.json").exists():
         _load_same_shape(src, model, load(src).state_dict())
     else:
         raise RunError(f"{src}: neither a run directory (state.pt) nor a checkpoint")
+    return notes
+
+
+def _labels_of(src: Path) -> list[str] | None:
+    """The labels a run's CTC head was trained on: its ``ctc_labels.json`` (runs from
+    before it: None, and the head is taken where its size matches)."""
+    f = src / CTC_LABELS
+    if f.exists():
+        out: list[str] = json.loads(f.read_text())
+        return out
+    return None
 
 
 def _load_same_shape(src: Path, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -1279,10 +1324,12 @@ def _train(
     if log is None or not leader:  # the other replicas stay quiet
         log = _quiet
     run_dir.mkdir(parents=True, exist_ok=True)
-    tr = build(data_root, cfg, dcfg, run_dir)
+    tr = build(data_root, cfg, dcfg, run_dir, log)
     tr.replicas = rep
     if leader and not (run_dir / "tokenizer.json").exists():
         tr.fmt.tok.save(run_dir / "tokenizer.json")
+    if leader:
+        (run_dir / CTC_LABELS).write_text(json.dumps(ctc_inventory(tr.lex), ensure_ascii=False))
     model = tr.model
     n = sum(p.numel() for p in model.parameters())
     mb = 4 * n / 2**20

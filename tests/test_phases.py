@@ -180,7 +180,8 @@ def test_a_phase_may_train_on_more_clips_than_the_ones_before(
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps([{"name": "a", "steps": 2},
                                   {"name": "b", "steps": 1, "train_clips": 30000}]))  # fmt: skip
-    assert main(["train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
+    argv = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    assert main(["train", "--recipe", str(recipe), *argv]) == 0
     assert [k["train_clips"] for k in calls] == [10_500, 30_000]
     assert main(["train", "--recipe", str(recipe), "--train-clips", "5"]) == 2
 

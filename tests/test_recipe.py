@@ -661,6 +661,12 @@ def test_train_resumes_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None
             tr.vhead.weight, saved["vision_head"]["weight"]
         )
         assert bool(notes) != kept and all("CTC head starts afresh" in n for n in notes)
+    # Resuming the run itself over data that labels otherwise is refused in one line.
+    labels_file.write_text(json.dumps(labels[:-1]))
+    with pytest.raises(T.RunError, match=r"trained its CTC head on \d+ .* --init-from"):
+        T.train(tmp_path, tmp_path / "run", tmp_path / "out", T.TrainConfig(steps=4, **SMALL),
+                dcfg)  # fmt: skip
+    labels_file.write_text(json.dumps(labels))
     # The data directory made again may number the same tokens otherwise: a run keeps
     # its own tokenizer (saved in the run dir) and a second phase takes its source's.
     assert (tmp_path / "run" / "tokenizer.json").read_text() == (

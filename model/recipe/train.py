@@ -1328,8 +1328,18 @@ def _train(
     tr.replicas = rep
     if leader and not (run_dir / "tokenizer.json").exists():
         tr.fmt.tok.save(run_dir / "tokenizer.json")
+    labels, labels_file = ctc_inventory(tr.lex), run_dir / CTC_LABELS
+    if (run_dir / "state.pt").exists() and labels_file.exists():
+        theirs = json.loads(labels_file.read_text())
+        if theirs != labels:
+            raise RunError(
+                f"{run_dir} trained its CTC head on {len(theirs)} phones or letters and this "
+                f"run's data gives {len(labels)} (another --train-clips or --data-dir): resume "
+                f"with the data it started with, or start a new --run-dir with --init-from "
+                f"{run_dir}"
+            )
     if leader:
-        (run_dir / CTC_LABELS).write_text(json.dumps(ctc_inventory(tr.lex), ensure_ascii=False))
+        labels_file.write_text(json.dumps(labels, ensure_ascii=False))
     model = tr.model
     n = sum(p.numel() for p in model.parameters())
     mb = 4 * n / 2**20

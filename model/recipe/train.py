@@ -1227,7 +1227,7 @@ def start_from(
     src: Path,
     model: Gemma4Unified,
     heads: dict[str, nn.Module],
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str],
 ) -> list[str]:
     """Weights of another run (``src/state.pt``: the model and the heads it has) or of an
     exported checkpoint (the model only; the heads keep their fresh init) into a new
@@ -1242,7 +1242,7 @@ def start_from(
         st = torch.load(state, map_location="cpu", weights_only=False)
         _load_same_shape(src, model, st["model"])
         for name, head in heads.items():
-            if name == "head" and name in st and labels is not None:
+            if name == "head" and name in st:
                 theirs, rows = _labels_of(src), st[name]["weight"].shape[0] - 1
                 if (theirs != list(labels)) if theirs is not None else rows != len(labels):
                     notes.append(f"the CTC head starts afresh: {src} labelled {rows} phones or "
@@ -1328,18 +1328,17 @@ def _train(
     tr.replicas = rep
     if leader and not (run_dir / "tokenizer.json").exists():
         tr.fmt.tok.save(run_dir / "tokenizer.json")
-    labels, labels_file = ctc_inventory(tr.lex), run_dir / CTC_LABELS
-    if (run_dir / "state.pt").exists() and labels_file.exists():
-        theirs = json.loads(labels_file.read_text())
-        if theirs != labels:
-            raise RunError(
-                f"{run_dir} trained its CTC head on {len(theirs)} phones or letters and this "
-                f"run's data gives {len(labels)} (another --train-clips or --data-dir): resume "
-                f"with the data it started with, or start a new --run-dir with --init-from "
-                f"{run_dir}"
-            )
+    labels = ctc_inventory(tr.lex)
+    theirs = _labels_of(run_dir) if (run_dir / "state.pt").exists() else None
+    if theirs is not None and theirs != labels:
+        raise RunError(
+            f"{run_dir} trained its CTC head on {len(theirs)} phones or letters and this "
+            f"run's data gives {len(labels)} (another --train-clips or --data-dir): resume "
+            f"with the data it started with, or start a new --run-dir with --init-from "
+            f"{run_dir}"
+        )
     if leader:
-        labels_file.write_text(json.dumps(labels, ensure_ascii=False))
+        (run_dir / CTC_LABELS).write_text(json.dumps(labels, ensure_ascii=False))
     model = tr.model
     n = sum(p.numel() for p in model.parameters())
     mb = 4 * n / 2**20
